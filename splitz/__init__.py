@@ -1,0 +1,18 @@
+"""splitz: certified l2 robustness with SPLITZ (split Lipschitz randomized smoothing).
+
+    model = splitz.load_model("models/mnist-splitz-quick")
+    certs = splitz.Smooth.from_checkpoint(model).certify(images, n=100_000, alpha=0.001)
+"""
+
+from .checkpoint import LoadedModel, ModelCard
+from .checkpoint import load as load_model
+from .errors import CheckpointError, InputError, SplitzError, UnknownModelError
+from .lipschitz import F1Bound, input_radius
+from .nets import SplitModel, create_model, list_architectures
+from .smoothing import Certificate, Prediction, Smooth
+
+__all__ = [
+    "Certificate", "CheckpointError", "F1Bound", "InputError", "LoadedModel", "ModelCard",
+    "Prediction", "Smooth", "SplitModel", "SplitzError", "UnknownModelError", "create_model",
+    "input_radius", "list_architectures", "load_model",
+]

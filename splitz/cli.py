@@ -1,0 +1,151 @@
+"""The `splitz` command."""
+
+import argparse
+import json
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+
+import torch
+
+from . import checkpoint
+from .errors import SplitzError
+from .images import load_image
+from .lipschitz import layer_profile
+from .smoothing import Smooth
+from .train import TrainConfig, train
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = _parser().parse_args(argv)
+    try:
+        return args.run(args)
+    except SplitzError as e:
+        print(f"splitz: error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("splitz: interrupted", file=sys.stderr)
+        return 130
+
+
+def _parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="splitz", description=__doc__)
+    sub = p.add_subparsers(required=True, metavar="COMMAND")
+
+    c = sub.add_parser("certify", help="certify images: class and certified l2 radius")
+    _sampling_args(c, n=100_000)
+    c.add_argument("--n0", type=_positive_int, default=100, help="selection samples (100)")
+    c.add_argument("--radius", type=float, help="also say whether this radius is certified")
+    c.set_defaults(run=_certify)
+
+    pr = sub.add_parser("predict", help="smoothed prediction with a binomial test (may abstain)")
+    _sampling_args(pr, n=10_000)
+    pr.set_defaults(run=_predict)
+
+    li = sub.add_parser("lipschitz", help="per-layer Lipschitz upper bounds of a model")
+    li.add_argument("--model", type=Path, required=True, help="model directory")
+    li.set_defaults(run=_lipschitz)
+
+    t = sub.add_parser("train", help="train a SPLITZ model or the smoothing baseline")
+    t.add_argument("--config", type=Path, help="JSON file with TrainConfig fields")
+    for name, typ in (("id", str), ("out", Path), ("arch", str), ("dataset", str),
+                      ("split", str), ("sigma", float), ("epochs", int), ("batch-size", int),
+                      ("lr", float), ("train-limit", int), ("seed", int), ("data-root", Path)):
+        t.add_argument(f"--{name}", type=typ)
+    t.set_defaults(run=_train)
+    return p
+
+
+def _sampling_args(p: argparse.ArgumentParser, n: int) -> None:
+    p.add_argument("images", nargs="+", type=Path, metavar="IMAGE", help="PNG or JPEG files")
+    p.add_argument("--model", type=Path, required=True, help="model directory (weights + card)")
+    p.add_argument("--n", type=_positive_int, default=n, help=f"noise samples ({n:,})")
+    p.add_argument("--alpha", type=float, default=0.001, help="failure probability (0.001)")
+    p.add_argument("--batch", type=_positive_int, default=1000, help="samples per forward pass")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--device", default="cpu", help="cpu, cuda, cuda:1, ...")
+    p.add_argument("--json", action="store_true", help="one JSON object per image")
+    p.add_argument("--quiet", action="store_true", help="no progress bar")
+
+
+def _positive_int(text: str) -> int:
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be a positive integer, got {text}")
+    return value
+
+
+def _load(args) -> tuple[Smooth, checkpoint.LoadedModel, torch.Tensor]:
+    loaded = checkpoint.load(args.model)
+    x = torch.stack([load_image(p, loaded.model.input_shape) for p in args.images])
+    return Smooth.from_checkpoint(loaded, args.batch, args.device), loaded, x
+
+
+def _certify(args) -> int:
+    smooth, loaded, x = _load(args)
+    certs = smooth.certify(x, n0=args.n0, n=args.n, alpha=args.alpha, seed=args.seed,
+                           radius=args.radius, progress=not args.quiet)
+    classes = loaded.model.spec.classes
+    rows = []
+    for path, c in zip(args.images, certs, strict=True):
+        if args.json:
+            print(json.dumps({"image": str(path)} | c.to_dict()))
+            continue
+        label = "ABSTAIN" if c.abstained else classes[c.prediction]
+        row = [path.name, label, f"{c.radius:.4f}", f"{c.p_a_lower:.6f}", f"{c.n_a}/{c.n}",
+               f"{c.lipschitz:.4f}", f"{c.gamma:.4f}", f"{c.time_s:.1f}"]
+        if args.radius is not None:
+            row.append("yes" if c.certified else "no")
+        rows.append(row)
+    if not args.json:
+        head = ["image", "class", "radius", "pA_lower", "nA/n", "L_gamma", "gamma", "s"]
+        if args.radius is not None:
+            head.append(f"r={args.radius:g}")
+        _table(head, rows)
+        c = certs[0]
+        print(f"model {c.model_id} sha256 {c.model_sha256[:16]}  sigma={c.sigma} "
+              f"n0={c.n0} n={c.n} alpha={c.alpha} seed={c.seed}  L_global={c.lipschitz_global:.4f}")
+    return 0
+
+
+def _predict(args) -> int:
+    smooth, loaded, x = _load(args)
+    preds = smooth.predict(x, n=args.n, alpha=args.alpha, seed=args.seed)
+    classes = loaded.model.spec.classes
+    rows = []
+    for path, p in zip(args.images, preds, strict=True):
+        if args.json:
+            print(json.dumps({"image": str(path)} | p.to_dict()))
+        rows.append([path.name, "ABSTAIN" if p.prediction is None else classes[p.prediction],
+                     f"{p.n_a}/{p.n_b}", f"{p.p_value:.3g}"])
+    if not args.json:
+        _table(["image", "class", "nA/nB", "p-value"], rows)
+    return 0
+
+
+def _lipschitz(args) -> int:
+    loaded = checkpoint.load(args.model)
+    rows = [[r.name, f"{r.bound:.4f}", f"{r.cumulative:.4g}"] for r in layer_profile(loaded.model)]
+    _table(["layer", "L (upper bound)", "product so far"], rows)
+    split = sum(1 for r in layer_profile(loaded.model) if r.in_f1)
+    print(f"split after {split} layer(s) of f1; the certificate uses the exact local bound of f1 "
+          "and no bound at all on f2 (it is smoothed).")
+    return 0
+
+
+def _train(args) -> int:
+    fields = json.loads(args.config.read_text()) if args.config else {}
+    for key in ("id", "out", "arch", "dataset", "split", "sigma", "epochs", "batch_size", "lr",
+                "train_limit", "seed", "data_root"):
+        if getattr(args, key) is not None:
+            fields[key] = getattr(args, key)
+    fields.setdefault("out", Path("runs") / fields.get("id", "model"))
+    path = train(TrainConfig.model_validate(fields))
+    print(f"wrote {path}")
+    return 0
+
+
+def _table(head: list[str], rows: list[list[str]]) -> None:
+    widths = [max(len(str(r[i])) for r in [head, *rows]) for i in range(len(head))]
+    for r in [head, *rows]:
+        print("  ".join(str(v).ljust(w) for v, w in zip(r, widths, strict=True)).rstrip())

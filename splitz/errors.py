@@ -1,0 +1,17 @@
+"""Errors a user can cause. Each maps once to an HTTP status (app) and a CLI message (cli)."""
+
+
+class SplitzError(Exception):
+    """Base class: the message is meant for the user, one line."""
+
+
+class InputError(SplitzError):
+    """A bad image, shape, or parameter value."""
+
+
+class CheckpointError(SplitzError):
+    """A model directory that is missing, corrupt, or does not match its card."""
+
+
+class UnknownModelError(CheckpointError):
+    """A model id that is not in the model repository."""

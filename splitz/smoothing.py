@@ -1,0 +1,218 @@
+"""The Monte Carlo engine: sample noise at the split, count votes, certify and predict."""
+
+import math
+import time
+from dataclasses import asdict, dataclass
+
+import torch
+from torch import Tensor
+from tqdm import tqdm
+
+from .checkpoint import LoadedModel
+from .errors import InputError
+from .lipschitz import F1Bound, input_radius
+from .nets import SplitModel
+from .stats import binomial_pvalue, clopper_pearson_lower, feature_radius, round_down
+
+
+@dataclass(frozen=True)
+class Certificate:
+    """One image's certificate, with every field needed to audit it (DESIGN.md §3).
+
+    prediction is None when the engine abstains. Otherwise, with probability >= 1 - alpha over
+    the sampling, the smoothed classifier g predicts `prediction` on the whole l2 ball of
+    `radius` around the image, where radius = min(radius_feature / lipschitz, gamma), rounded down.
+    """
+
+    prediction: int | None
+    radius: float
+    radius_feature: float
+    p_a_lower: float
+    n_a: int
+    n: int
+    n0: int
+    alpha: float
+    sigma: float
+    lipschitz: float
+    gamma: float
+    lipschitz_global: float
+    seed: int
+    time_s: float
+    model_id: str | None = None
+    model_sha256: str | None = None
+    certified: bool | None = None  # whether the requested radius is certified, if one was asked
+    query_radius: float | None = None
+
+    @property
+    def abstained(self) -> bool:
+        return self.prediction is None
+
+    def to_dict(self) -> dict:
+        return asdict(self) | {"abstained": self.abstained}
+
+
+@dataclass(frozen=True)
+class Prediction:
+    """Cohen et al.'s PREDICT: returns a class other than g(x) with probability <= alpha."""
+
+    prediction: int | None
+    n_a: int
+    n_b: int
+    p_value: float
+    n: int
+    alpha: float
+    seed: int
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+class Smooth:
+    """The SPLITZ smoothed classifier g(x) = argmax_c P[f2(f1(x) + delta) = c], delta ~ N(0, s^2 I).
+
+    f1 runs once per image; the noise and f2 run in batches of `batch_size` samples, packing
+    several images into one forward pass when their chunks are small. Image i of a call uses
+    the seed `seed + i`, so a certificate is reproduced by its own seed, alone, with the same
+    batch size.
+    """
+
+    def __init__(self, model: SplitModel, batch_size: int = 1000, device: str = "cpu",
+                 model_id: str | None = None, model_sha256: str | None = None):
+        if batch_size < 1:
+            raise InputError("batch size must be at least 1")
+        self.device = _device(device)
+        self.model = model.to(self.device).eval()
+        self.batch_size, self.model_id, self.model_sha256 = batch_size, model_id, model_sha256
+        self.bound = F1Bound(model.f1, model.input_shape)
+
+    @classmethod
+    def from_checkpoint(cls, loaded: LoadedModel, batch_size: int = 1000,
+                        device: str = "cpu") -> "Smooth":
+        return cls(loaded.model, batch_size, device, loaded.card.id, loaded.sha256)
+
+    def certify(self, x: Tensor, n0: int = 100, n: int = 100_000, alpha: float = 0.001,
+                seed: int = 0, radius: float | None = None,
+                progress: bool = False) -> list[Certificate]:
+        """Cohen et al.'s CERTIFY at the split, then Theorem 1 for the input-space radius.
+
+        With probability at least 1 - alpha (per image) over the randomness here, each returned
+        prediction equals g(x) on the l2 ball of the returned radius around that image.
+        """
+        _check_sampling(n, alpha, n0)
+        if radius is not None and not (math.isfinite(radius) and radius >= 0):
+            raise InputError(f"radius must be a finite number >= 0, got {radius}")
+        start = time.perf_counter()
+        x = self._images(x)
+        with torch.inference_mode():
+            z = self.model.f1(x.to(self.device))
+            gens = self._generators(len(x), seed)
+            bar = tqdm(total=(n0 + n) * len(x), unit="sample", unit_scale=True,
+                       disable=not progress, desc="certify")
+            top = self.sample_counts(z, n0, gens, bar).argmax(dim=1)
+            n_a = self.sample_counts(z, n, gens, bar).gather(1, top[:, None])[:, 0]
+            bar.close()
+        p_lower = torch.tensor([clopper_pearson_lower(int(k), n, alpha) for k in n_a],
+                               dtype=torch.float64)
+        r_z = torch.tensor([feature_radius(p, self.model.sigma) for p in p_lower.tolist()],
+                           dtype=torch.float64)
+        r = input_radius(self.bound, x.cpu(), r_z)
+        elapsed = (time.perf_counter() - start) / len(x)
+        certs = []
+        for i in range(len(x)):
+            abstain = bool(p_lower[i] <= 0.5)
+            rad = 0.0 if abstain else round_down(float(r.radius[i]))
+            certs.append(Certificate(
+                prediction=None if abstain else int(top[i]), radius=rad,
+                radius_feature=round_down(float(r_z[i])), p_a_lower=float(p_lower[i]),
+                n_a=int(n_a[i]), n=n, n0=n0, alpha=alpha, sigma=self.model.sigma,
+                lipschitz=float(r.lipschitz[i]), gamma=float(r.gamma[i]),
+                lipschitz_global=self.bound.global_bound, seed=seed + i, time_s=elapsed,
+                model_id=self.model_id, model_sha256=self.model_sha256,
+                certified=None if radius is None else (not abstain and rad >= radius),
+                query_radius=radius,
+            ))
+        return certs
+
+    def predict(self, x: Tensor, n: int = 10_000, alpha: float = 0.001,
+                seed: int = 0) -> list[Prediction]:
+        """Cohen et al.'s PREDICT: the top class if a two-sided binomial test against the runner-up
+        rejects at level alpha, else abstain (None)."""
+        _check_sampling(n, alpha)
+        x = self._images(x)
+        with torch.inference_mode():
+            z = self.model.f1(x.to(self.device))
+            counts = self.sample_counts(z, n, self._generators(len(x), seed))
+        top2 = counts.topk(2, dim=1)
+        out = []
+        for i in range(len(x)):
+            (n_a, n_b), (c_a, _) = top2.values[i].tolist(), top2.indices[i].tolist()
+            p = binomial_pvalue(n_a, n_a + n_b)
+            out.append(Prediction(c_a if p <= alpha else None, n_a, n_b, p, n, alpha, seed + i))
+        return out
+
+    def sample_counts(self, z: Tensor, n: int, gens: list[torch.Generator],
+                      bar: tqdm | None = None) -> Tensor:
+        """Votes of f2(z_i + delta) over n noise draws per image: an (images, classes) int64 tensor.
+
+        Image i draws its noise from gens[i] in chunks of min(batch_size, remaining), whatever
+        other images share the forward pass, so its votes depend only on its seed and batch size.
+        """
+        k = self.model.num_classes
+        counts = torch.zeros(len(z), k, dtype=torch.int64, device=self.device)
+        pending: list[tuple[int, int]] = []
+        filled = 0
+        for i in range(len(z)):
+            for start in range(0, n, self.batch_size):
+                m = min(self.batch_size, n - start)
+                if filled + m > self.batch_size:
+                    self._vote(z, pending, gens, counts)
+                    pending, filled = [], 0
+                pending.append((i, m))
+                filled += m
+                if bar is not None:
+                    bar.update(m)
+        if pending:
+            self._vote(z, pending, gens, counts)
+        return counts.cpu()
+
+    def _vote(self, z: Tensor, chunks: list[tuple[int, int]], gens: list[torch.Generator],
+              counts: Tensor) -> None:
+        noisy = torch.cat([
+            z[i] + self.model.sigma * torch.randn(m, *z.shape[1:], generator=gens[i],
+                                                  device=self.device)
+            for i, m in chunks
+        ])
+        owner = torch.cat([torch.full((m,), i, device=self.device) for i, m in chunks])
+        pred = self.model.f2(noisy).argmax(dim=1)
+        k = counts.shape[1]
+        counts.view(-1).add_(torch.bincount(owner * k + pred, minlength=counts.numel()))
+
+    def _generators(self, count: int, seed: int) -> list[torch.Generator]:
+        return [torch.Generator(self.device).manual_seed(seed + i) for i in range(count)]
+
+    def _images(self, x: Tensor) -> Tensor:
+        if x.dim() == len(self.model.input_shape):
+            x = x.unsqueeze(0)
+        if tuple(x.shape[1:]) != tuple(self.model.input_shape):
+            raise InputError(f"expected images of shape {self.model.input_shape}, "
+                             f"got {tuple(x.shape[1:])}")
+        if not torch.isfinite(x).all():
+            raise InputError("image contains NaN or infinite values")
+        return x.float()
+
+
+def _device(name: str) -> torch.device:
+    try:
+        device = torch.device(name)
+    except RuntimeError:
+        raise InputError(f"unknown device {name!r}") from None
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise InputError("device 'cuda' asked for, but no CUDA GPU is available")
+    return device
+
+
+def _check_sampling(n: int, alpha: float, n0: int = 1) -> None:
+    if n < 1 or n0 < 1:
+        raise InputError(f"sample counts must be positive, got n={n}, n0={n0}")
+    if not (0.0 < alpha < 1.0) or math.isnan(alpha):
+        raise InputError(f"alpha must be in (0, 1), got {alpha}")

@@ -1,0 +1,128 @@
+"""The Monte Carlo engine: exact Cohen radii, abstention, reproducibility, no over-certifying."""
+
+import math
+
+import pytest
+import torch
+from scipy.stats import beta, norm
+from torch import nn
+
+from splitz.data import DatasetSpec
+from splitz.errors import InputError
+from splitz.lipschitz import F1Bound
+from splitz.nets import ClipReLU, Normalize, SplitModel, create_model
+from splitz.smoothing import Smooth
+from splitz.stats import round_down
+
+from ..conftest import dense_a
+
+
+def test_identity_split_gives_exactly_cohens_radius():
+    model = create_model("lenet", "mnist", "input", sigma=0.25)
+    with torch.no_grad():
+        model.f2[-1].bias[3] = 50.0  # a confident base classifier: class 3 almost everywhere
+    cert = Smooth(model, batch_size=500).certify(torch.rand(1, 28, 28), n0=50, n=2000,
+                                                 alpha=0.001, seed=3)[0]
+    p_lower = beta.ppf(0.001, cert.n_a, cert.n - cert.n_a + 1)
+    assert cert.prediction == 3 and cert.lipschitz == 1.0
+    assert cert.p_a_lower == pytest.approx(p_lower, rel=1e-12)
+    assert cert.radius == round_down(0.25 * norm.ppf(p_lower))
+
+
+def uniform_vote_model() -> SplitModel:
+    """f1 = identity on a 10-pixel image, f2 = the pixels themselves as logits: at x = 0 every
+    class wins a noisy vote with probability 1/10."""
+    spec = DatasetSpec("toy", (1, 1, 10), tuple("abcdefghij"), (0.0,), (1.0,))
+    return SplitModel(nn.Sequential(), nn.Sequential(nn.Flatten()), 1.0, spec)
+
+
+def test_abstains_when_no_class_dominates():
+    smooth = Smooth(uniform_vote_model(), batch_size=300)
+    x = torch.zeros(2, 1, 1, 10)
+    certs = smooth.certify(x, n0=100, n=1000, alpha=0.001)
+    assert all(c.abstained and c.radius == 0.0 for c in certs)
+    assert all(c.p_a_lower < 0.5 for c in certs)
+    preds = smooth.predict(x, n=1000, alpha=0.001)
+    assert all(p.prediction is None for p in preds)
+
+
+def test_predict_returns_a_dominant_class():
+    x = torch.zeros(1, 1, 1, 10)
+    x[..., 4] = 5.0  # class e wins by 5 sigma
+    pred = Smooth(uniform_vote_model()).predict(x, n=500)[0]
+    assert pred.prediction == 4 and pred.p_value < 1e-6
+
+
+def test_same_seed_same_certificate_and_batching_does_not_matter():
+    model = create_model("lenet", "mnist", "conv1", sigma=0.5)
+    smooth = Smooth(model, batch_size=256)
+    x = torch.rand(3, 1, 28, 28)
+    together = smooth.certify(x, n0=100, n=600, seed=11)
+    alone = smooth.certify(x[2:], n0=100, n=600, seed=13)[0]
+    again = smooth.certify(x, n0=100, n=600, seed=11)
+    assert [c.n_a for c in together] == [c.n_a for c in again]
+    assert (together[2].n_a, together[2].radius, together[2].seed) == (
+        alone.n_a, alone.radius, alone.seed)
+
+
+def linear_toy(sigma: float, seed: int) -> tuple[SplitModel, torch.Tensor, torch.Tensor]:
+    """f1 = clip(conv(normalize(x))) kept in its linear region by a large bias; f2 = a linear
+    two-class head whose weight w is A's top left singular vector. The smoothed classifier of a
+    linear head is that head, so its exact input-space robust radius is |w.z + b| / ||A^T w||,
+    and ||A^T w|| = ||A||: any under-estimate of the Lipschitz bound over-certifies here."""
+    g = torch.Generator().manual_seed(seed)
+    spec = DatasetSpec("toy", (1, 6, 6), ("neg", "pos"), (0.5,), (0.25,))
+    conv = nn.Conv2d(1, 3, 3, padding=1)
+    with torch.no_grad():
+        conv.weight.copy_(torch.randn(conv.weight.shape, generator=g) * 0.3)
+        conv.bias.fill_(100.0)
+    f1 = nn.Sequential(Normalize(spec.mean, spec.std), conv, ClipReLU((3, 6, 6), init=1e9))
+    a = dense_a(F1Bound(f1, spec.input_shape))
+    w = torch.linalg.svd(a, full_matrices=False)[0][:, 0]
+    x = torch.rand(8, 1, 6, 6, generator=g)
+    with torch.no_grad():
+        wz = f1(x).flatten(1).double() @ w
+    head = nn.Linear(108, 2).double()
+    with torch.no_grad():
+        head.weight.copy_(torch.stack([-w, w]) / 2)
+        head.bias.copy_(torch.stack([wz.median(), -wz.median()]) / 2)
+    f2 = nn.Sequential(nn.Flatten(), head.float())
+    margin = wz - wz.median()
+    true_radius = margin.abs() / torch.linalg.matrix_norm(a, ord=2)
+    return SplitModel(f1, f2, sigma, spec), x, (margin, true_radius)
+
+
+@pytest.mark.parametrize("seed", range(4))
+def test_linear_toy_is_never_over_certified(seed):
+    model, x, (margin, true_radius) = linear_toy(sigma=0.5, seed=seed)
+    certs = Smooth(model, batch_size=2000).certify(x, n0=100, n=4000, alpha=0.001, seed=seed)
+    useful = 0
+    for c, m, r in zip(certs, margin, true_radius, strict=True):
+        assert c.abstained or c.prediction == int(m > 0)
+        assert c.radius <= r.item() * (1 + 1e-4), (c.radius, r.item())
+        useful += c.radius > 0.5 * min(r.item(), 1.0 / c.lipschitz_global)
+    assert useful >= 3  # and the certificate is not vacuous
+
+
+@pytest.mark.parametrize("kwargs,match", [
+    ({"n": 0}, "positive"), ({"n0": 0}, "positive"), ({"alpha": 1.5}, "alpha"),
+    ({"alpha": math.nan}, "alpha"), ({"radius": -1.0}, "radius"), ({"radius": math.inf}, "radius"),
+])
+def test_bad_parameters_are_input_errors(kwargs, match):
+    smooth = Smooth(create_model("lenet", "mnist", "conv1", 0.5))
+    with pytest.raises(InputError, match=match):
+        smooth.certify(torch.rand(1, 1, 28, 28), **({"n": 10, "n0": 10} | kwargs))
+
+
+def test_bad_images_and_devices_are_input_errors():
+    model = create_model("lenet", "mnist", "conv1", 0.5)
+    smooth = Smooth(model)
+    with pytest.raises(InputError, match="shape"):
+        smooth.certify(torch.rand(1, 3, 28, 28), n=10, n0=10)
+    with pytest.raises(InputError, match="NaN"):
+        smooth.certify(torch.full((1, 1, 28, 28), math.nan), n=10, n0=10)
+    with pytest.raises(InputError, match="batch"):
+        Smooth(model, batch_size=0)
+    if not torch.cuda.is_available():
+        with pytest.raises(InputError, match="CUDA"):
+            Smooth(model, device="cuda")
