@@ -8,7 +8,7 @@ from pathlib import Path
 
 import torch
 
-from . import checkpoint
+from . import checkpoint, evaluate
 from .errors import SplitzError
 from .images import load_image
 from .lipschitz import layer_profile
@@ -45,6 +45,26 @@ def _parser() -> argparse.ArgumentParser:
     li = sub.add_parser("lipschitz", help="per-layer Lipschitz upper bounds of a model")
     li.add_argument("--model", type=Path, required=True, help="model directory")
     li.set_defaults(run=_lipschitz)
+
+    ev = sub.add_parser("evaluate", help="certified accuracy on every k-th test image (TSV)")
+    ev.add_argument("--model", type=Path, required=True, help="model directory")
+    ev.add_argument("--out", type=Path, required=True, help="TSV to write (resumed if present)")
+    ev.add_argument("--every", type=_positive_int, default=None,
+                    help="take every k-th test image (20 for CIFAR-10 = 500, 10 for MNIST)")
+    ev.add_argument("--limit", type=_positive_int, help="at most this many images")
+    ev.add_argument("--n", type=_positive_int, default=100_000)
+    ev.add_argument("--n0", type=_positive_int, default=100)
+    ev.add_argument("--alpha", type=float, default=0.001)
+    ev.add_argument("--batch", type=_positive_int, default=1000)
+    ev.add_argument("--seed", type=int, default=0)
+    ev.add_argument("--device", default="cpu")
+    ev.add_argument("--data-root", type=Path)
+    ev.set_defaults(run=_evaluate)
+
+    pl = sub.add_parser("plot", help="certified accuracy vs radius for several TSVs, one PNG")
+    pl.add_argument("tsv", nargs="+", type=Path, help="evaluate outputs (label = file stem)")
+    pl.add_argument("--out", type=Path, required=True)
+    pl.set_defaults(run=_plot)
 
     t = sub.add_parser("train", help="train a SPLITZ model or the smoothing baseline")
     t.add_argument("--config", type=Path, help="JSON file with TrainConfig fields")
@@ -130,6 +150,21 @@ def _lipschitz(args) -> int:
     split = sum(1 for r in layer_profile(loaded.model) if r.in_f1)
     print(f"split after {split} layer(s) of f1; the certificate uses the exact local bound of f1 "
           "and no bound at all on f2 (it is smoothed).")
+    return 0
+
+
+def _evaluate(args) -> int:
+    loaded = checkpoint.load(args.model)
+    every = args.every or {"cifar10": 20, "mnist": 10}.get(loaded.card.dataset, 1)
+    summary = evaluate.evaluate(loaded, args.out, every, args.limit, args.n0, args.n, args.alpha,
+                                args.batch, args.seed, args.data_root, args.device)
+    print(evaluate.markdown_table({loaded.card.id: summary}))
+    return 0
+
+
+def _plot(args) -> int:
+    evaluate.plot({p.stem: p for p in args.tsv}, args.out)
+    print(f"wrote {args.out}")
     return 0
 
 

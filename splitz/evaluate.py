@@ -1,0 +1,90 @@
+"""Certified accuracy on a fixed test subset: a TSV per image, a summary table, and plots."""
+
+import csv
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from tqdm import tqdm
+
+from . import data
+from .checkpoint import LoadedModel
+from .smoothing import Smooth
+
+COLUMNS = ["idx", "label", "predict", "radius", "correct", "time", "L", "pA_lower"]
+RADII = tuple(round(0.25 * i, 2) for i in range(11))  # 0, 0.25, ..., 2.5
+
+
+@dataclass(frozen=True)
+class Summary:
+    images: int
+    certified_accuracy: dict[float, float]  # radius -> share correct with R >= radius
+    average_certified_radius: float  # mean of R over correct images (0 when wrong or abstain)
+
+
+def evaluate(loaded: LoadedModel, out: Path, every: int, limit: int | None = None,
+             n0: int = 100, n: int = 100_000, alpha: float = 0.001, batch_size: int = 1000,
+             seed: int = 0, data_root: Path | None = None, device: str = "cpu") -> Summary:
+    """Certify test images 0, every, 2*every, ...; resumes an interrupted TSV where it stopped."""
+    test = data.load(loaded.card.dataset, train=False, root=data_root)
+    indices = list(range(0, len(test), every))[:limit]
+    done = {int(r["idx"]) for r in read_tsv(out)} if out.exists() else set()
+    smooth = Smooth.from_checkpoint(loaded, batch_size, device)
+    new = not out.exists()
+    out.parent.mkdir(parents=True, exist_ok=True)
+    with open(out, "a", newline="") as f:
+        writer = csv.writer(f, delimiter="\t")
+        if new:
+            writer.writerow(COLUMNS)
+        for idx in tqdm([i for i in indices if i not in done], desc="evaluate", unit="image"):
+            x, label = test[idx]
+            c = smooth.certify(x, n0=n0, n=n, alpha=alpha, seed=seed + idx)[0]
+            pred = -1 if c.abstained else c.prediction
+            writer.writerow([idx, int(label), pred, f"{c.radius:.6f}", int(pred == int(label)),
+                             f"{c.time_s:.3f}", f"{c.lipschitz:.6f}", f"{c.p_a_lower:.6f}"])
+            f.flush()
+    return summarize(read_tsv(out))
+
+
+def read_tsv(path: Path) -> list[dict[str, str]]:
+    with open(path, newline="") as f:
+        return list(csv.DictReader(f, delimiter="\t"))
+
+
+def summarize(rows: list[dict[str, str]], radii: tuple[float, ...] = RADII) -> Summary:
+    correct = torch.tensor([int(r["correct"]) for r in rows], dtype=torch.bool)
+    radius = torch.tensor([float(r["radius"]) for r in rows], dtype=torch.float64)
+    acc = {r: float((correct & (radius >= r)).double().mean()) for r in radii}
+    acr = float((radius * correct).mean())
+    return Summary(len(rows), acc, acr)
+
+
+def markdown_table(summaries: dict[str, Summary]) -> str:
+    """One row per run: certified accuracy (%) at each radius, then the ACR."""
+    radii = next(iter(summaries.values())).certified_accuracy
+    head = "| run | images | " + " | ".join(f"ε={r:g}" for r in radii) + " | ACR |"
+    lines = [head, "|" + "---|" * (len(radii) + 3)]
+    for name, s in summaries.items():
+        cells = " | ".join(f"{100 * a:.1f}" for a in s.certified_accuracy.values())
+        lines.append(f"| {name} | {s.images} | {cells} | {s.average_certified_radius:.3f} |")
+    return "\n".join(lines)
+
+
+def plot(runs: dict[str, Path], out: Path, max_radius: float = 3.0) -> None:
+    """Certified accuracy against radius for several runs in one PNG."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    grid = tuple(max_radius * i / 300 for i in range(301))
+    fig, ax = plt.subplots(figsize=(6, 4))
+    for name, path in runs.items():
+        acc = summarize(read_tsv(path), grid).certified_accuracy
+        ax.plot(list(acc), [100 * a for a in acc.values()], label=name)
+    ax.set(xlabel="l2 radius", ylabel="certified accuracy (%)", ylim=(0, 100), xlim=(0, max_radius))
+    ax.grid(alpha=0.3)
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(out, dpi=120)
+    plt.close(fig)

@@ -1,0 +1,98 @@
+import json
+
+import pytest
+import torch
+
+from splitz import checkpoint
+from splitz.cli import main
+from splitz.images import save_image
+from splitz.nets import create_model
+
+from ..conftest import ROOT, SHIPPED_MNIST
+
+
+@pytest.fixture(scope="module")
+def model_dir(tmp_path_factory):
+    path = tmp_path_factory.mktemp("models") / "tiny"
+    card = checkpoint.ModelCard(id="tiny", arch="lenet", dataset="mnist", split="conv1", sigma=0.5)
+    return checkpoint.save(create_model("lenet", "mnist", "conv1", 0.5), card, path)
+
+
+@pytest.fixture
+def digit(tmp_path):
+    path = tmp_path / "digit.png"
+    save_image(torch.rand(1, 28, 28), path)
+    return path
+
+
+def test_certify_prints_a_table_with_audit_fields(model_dir, digit, capsys):
+    assert main(["certify", str(digit), "--model", str(model_dir), "--n", "200", "--n0", "20",
+                 "--radius", "0.1", "--quiet"]) == 0
+    out = capsys.readouterr().out
+    assert "pA_lower" in out and "L_gamma" in out and "r=0.1" in out and "sha256" in out
+
+
+def test_certify_json_has_every_audit_field(model_dir, digit, capsys):
+    assert main(["certify", str(digit), str(digit), "--model", str(model_dir), "--n", "100",
+                 "--n0", "10", "--json", "--seed", "5"]) == 0
+    lines = [json.loads(line) for line in capsys.readouterr().out.splitlines()]
+    assert [d["seed"] for d in lines] == [5, 6]
+    for key in ("prediction", "radius", "p_a_lower", "n_a", "n", "n0", "alpha", "sigma",
+                "lipschitz", "gamma", "model_id", "model_sha256", "time_s"):
+        assert key in lines[0]
+
+
+def test_predict_and_lipschitz(model_dir, digit, capsys):
+    assert main(["predict", str(digit), "--model", str(model_dir), "--n", "100"]) == 0
+    assert main(["lipschitz", "--model", str(model_dir)]) == 0
+    out = capsys.readouterr().out
+    assert "p-value" in out and "f1.1 Conv2d" in out and "f2.7 Linear" in out
+
+
+@pytest.mark.parametrize("make_bad,match", [
+    (lambda p: p.write_bytes(b"hello"), "not a readable"),
+    (lambda p: save_image(torch.rand(3, 32, 32), p), "32x32"),
+    (lambda p: None, "cannot read"),
+])
+def test_bad_images_exit_2_with_one_line(model_dir, tmp_path, capsys, make_bad, match):
+    bad = tmp_path / "bad.png"
+    make_bad(bad)
+    assert main(["certify", str(bad), "--model", str(model_dir), "--n", "10"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("splitz: error:") and match in err and "\n" not in err
+
+
+def test_bad_model_and_arguments(digit, tmp_path, capsys):
+    assert main(["certify", str(digit), "--model", str(tmp_path / "none")]) == 2
+    assert "not found" in capsys.readouterr().err
+    with pytest.raises(SystemExit) as e:
+        main(["certify", str(digit), "--model", str(tmp_path), "--n", "0"])
+    assert e.value.code == 2
+
+
+@pytest.mark.skipif(not SHIPPED_MNIST.exists(), reason="shipped model not built yet")
+def test_readme_main_command_certifies_a_shipped_digit(capsys):
+    examples = sorted((ROOT / "examples").glob("mnist-*.png"))
+    assert examples
+    assert main(["certify", *map(str, examples[:2]), "--model", str(SHIPPED_MNIST), "--n", "2000",
+                 "--json", "--quiet"]) == 0
+    certs = [json.loads(line) for line in capsys.readouterr().out.splitlines()]
+    labels = [int(p.stem.split("-")[1]) for p in examples[:2]]
+    assert [c["prediction"] for c in certs] == labels
+    assert all(c["radius"] > 0 for c in certs)
+
+
+def test_evaluate_writes_tsv_table_and_plot_and_resumes(model_dir, fake_mnist, tmp_path, capsys):
+    tsv = tmp_path / "run.tsv"
+    args = ["evaluate", "--model", str(model_dir), "--out", str(tsv), "--every", "16", "--n", "50",
+            "--n0", "10", "--data-root", str(fake_mnist)]
+    assert main([*args, "--limit", "2"]) == 0
+    assert main(args) == 0  # resumes: only the two missing images are certified
+    rows = tsv.read_text().splitlines()
+    assert rows[0].split("\t") == ["idx", "label", "predict", "radius", "correct", "time", "L",
+                                   "pA_lower"]
+    assert [r.split("\t")[0] for r in rows[1:]] == ["0", "16", "32", "48"]
+    assert "ε=2.5" in capsys.readouterr().out
+    png = tmp_path / "plot.png"
+    assert main(["plot", str(tsv), "--out", str(png)]) == 0
+    assert png.read_bytes()[:4] == b"\x89PNG"
