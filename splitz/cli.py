@@ -66,6 +66,30 @@ def _parser() -> argparse.ArgumentParser:
     pl.add_argument("--out", type=Path, required=True)
     pl.set_defaults(run=_plot)
 
+    se = sub.add_parser("serve", help="run the HTTP API (embedded engine unless SPLITZ_REDIS_URL)")
+    se.add_argument("--host", default="127.0.0.1")
+    se.add_argument("--port", type=int, default=8000)
+    se.set_defaults(run=_serve)
+
+    wo = sub.add_parser("worker", help="run an RQ worker (needs SPLITZ_REDIS_URL)")
+    wo.add_argument("--models", nargs="*", help="model ids to serve (default: all)")
+    wo.add_argument("--burst", action="store_true", help="quit when the queues are empty")
+    wo.set_defaults(run=_worker)
+
+    su = sub.add_parser("submit", help="send a batch job to a running service, wait, print")
+    su.add_argument("images", nargs="+", type=Path, metavar="IMAGE")
+    su.add_argument("--model", required=True, help="model id on the server")
+    su.add_argument("--url", default="http://127.0.0.1:8000")
+    su.add_argument("--api-key")
+    su.add_argument("--n", type=_positive_int)
+    su.add_argument("--n0", type=_positive_int)
+    su.add_argument("--alpha", type=float)
+    su.add_argument("--radius", type=float)
+    su.add_argument("--seed", type=int)
+    su.add_argument("--format", choices=("json", "csv"), default="json")
+    su.add_argument("--out", type=Path, help="write results here instead of stdout")
+    su.set_defaults(run=_submit)
+
     t = sub.add_parser("train", help="train a SPLITZ model or the smoothing baseline")
     t.add_argument("--config", type=Path, help="JSON file with TrainConfig fields")
     for name, typ in (("id", str), ("out", Path), ("arch", str), ("dataset", str),
@@ -165,6 +189,51 @@ def _evaluate(args) -> int:
 def _plot(args) -> int:
     evaluate.plot({p.stem: p for p in args.tsv}, args.out)
     print(f"wrote {args.out}")
+    return 0
+
+
+def _serve(args) -> int:
+    import uvicorn
+
+    uvicorn.run("app.main:create_app", factory=True, host=args.host, port=args.port)
+    return 0
+
+
+def _worker(args) -> int:
+    from worker.main import main as worker_main
+
+    return worker_main([*(["--models", *args.models] if args.models else []),
+                        *(["--burst"] if args.burst else [])])
+
+
+def _submit(args) -> int:
+    import csv
+    import io
+
+    import httpx
+
+    from app.client import Client, ServiceError
+
+    params = {k: getattr(args, k) for k in ("n", "n0", "alpha", "radius", "seed")
+              if getattr(args, k) is not None}
+    client = Client(args.url, args.api_key)
+    try:
+        job_id = client.submit(args.images, args.model, **params)
+        results = client.wait(job_id, progress=True)["results"]
+    except (ServiceError, httpx.HTTPError, OSError) as e:
+        raise SplitzError(str(e)) from None
+    if args.format == "json":
+        text = "\n".join(json.dumps(r) for r in results) + "\n"
+    else:
+        buf = io.StringIO()
+        writer = csv.DictWriter(buf, fieldnames=list(results[0]))
+        writer.writeheader()
+        writer.writerows(results)
+        text = buf.getvalue()
+    if args.out:
+        args.out.write_text(text)
+    else:
+        print(text, end="")
     return 0
 
 

@@ -1,0 +1,1 @@
+"""The splitz HTTP service: validates requests and hands certification to a backend."""

@@ -1,0 +1,224 @@
+"""Where certification runs: in-process (embedded default) or on RQ workers through Redis.
+One interface, two implementations; the routes never know which."""
+
+import threading
+import time
+import uuid
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from typing import Any, Protocol
+
+from redis import Redis
+from redis.exceptions import RedisError
+from rq import Queue, Retry, Worker
+from rq.exceptions import NoSuchJobError
+from rq.job import Job, JobStatus
+from rq.registry import StartedJobRegistry
+from rq.serializers import JSONSerializer
+
+from worker.jobs import Canceled, JobSpec, ModelCache, run_certify
+from worker.main import cancel_key, certify_job, queue_name
+
+from .settings import Settings
+
+
+class QueueFull(Exception):
+    """More queued jobs than the configured cap."""
+
+
+class BackendUnavailable(Exception):
+    """The queue (Redis) cannot be reached."""
+
+
+@dataclass
+class JobView:
+    id: str
+    status: str  # queued | started | finished | failed | canceled
+    model_id: str
+    done: int = 0
+    total: int = 0
+    result: dict[str, Any] | None = None
+    error: str | None = None
+    created: float = field(default_factory=time.time)
+
+
+class Backend(Protocol):
+    def submit(self, spec: JobSpec) -> str: ...
+    def get(self, job_id: str) -> JobView | None: ...
+    def cancel(self, job_id: str) -> bool: ...
+    def ready(self, model_id: str | None = None) -> tuple[bool, str]: ...
+    def queue_depth(self) -> int: ...
+    def close(self) -> None: ...
+
+
+def finished_view(view: JobView, result: dict) -> JobView:
+    """A job's returned dict says whether it finished, failed on bad input, or was canceled."""
+    view.result = result if "results" in result else None
+    view.error = result.get("error")
+    view.status = ("canceled" if result.get("canceled")
+                   else "failed" if view.error else "finished")
+    return view
+
+
+class EmbeddedBackend:
+    """Runs jobs in a thread pool of this process; jobs live in memory."""
+
+    def __init__(self, settings: Settings, threads: int = 1):
+        self.settings = settings
+        self.models = ModelCache(settings.model_dir, settings.batch_size, settings.device)
+        self.pool = ThreadPoolExecutor(threads, thread_name_prefix="certify")
+        self.jobs: dict[str, JobView] = {}
+        self.canceled: set[str] = set()
+        self.lock = threading.Lock()
+
+    def submit(self, spec: JobSpec) -> str:
+        if self.queue_depth() >= self.settings.max_queue:
+            raise QueueFull
+        view = JobView(uuid.uuid4().hex, "queued", spec.model_id, total=len(spec.images))
+        with self.lock:
+            self.jobs[view.id] = view
+        self.pool.submit(self._run, view, spec)
+        return view.id
+
+    def _run(self, view: JobView, spec: JobSpec) -> None:
+        from splitz.errors import SplitzError
+
+        if view.id in self.canceled:
+            view.status = "canceled"
+            return
+        view.status = "started"
+
+        def progress(done: int, total: int) -> None:
+            view.done, view.total = done, total
+
+        try:
+            finished_view(view, run_certify(spec, self.models, progress,
+                                            lambda: view.id in self.canceled))
+        except Canceled as e:
+            finished_view(view, {"canceled": True, "error": str(e)})
+        except SplitzError as e:
+            finished_view(view, {"error": str(e)})
+        except Exception as e:  # a bug: report it on the job rather than lose the job
+            view.status, view.error = "failed", f"internal error: {type(e).__name__}"
+            raise
+
+    def get(self, job_id: str) -> JobView | None:
+        return self.jobs.get(job_id)
+
+    def cancel(self, job_id: str) -> bool:
+        view = self.jobs.get(job_id)
+        if view is None:
+            return False
+        self.canceled.add(job_id)
+        if view.status == "queued":
+            view.status = "canceled"
+        return True
+
+    def ready(self, model_id: str | None = None) -> tuple[bool, str]:
+        return True, "embedded"
+
+    def queue_depth(self) -> int:
+        return sum(v.status == "queued" for v in list(self.jobs.values()))
+
+    def close(self) -> None:
+        self.pool.shutdown(wait=False, cancel_futures=True)
+
+
+class RQBackend:
+    """Enqueues JSON jobs on one Redis queue per model; RQ workers run them."""
+
+    def __init__(self, settings: Settings):
+        self.settings = settings
+        self.redis = Redis.from_url(settings.redis_url, socket_timeout=5, socket_connect_timeout=2)
+
+    def _queue(self, model_id: str) -> Queue:
+        return Queue(queue_name(model_id), connection=self.redis, serializer=JSONSerializer)
+
+    def submit(self, spec: JobSpec) -> str:
+        with _redis_errors():
+            queue = self._queue(spec.model_id)
+            if queue.count >= self.settings.max_queue:
+                raise QueueFull
+            job = queue.enqueue_call(
+                certify_job, args=(spec.model_dump(),), timeout=self.settings.job_timeout_s,
+                result_ttl=self.settings.result_ttl_s, failure_ttl=self.settings.result_ttl_s,
+                retry=Retry(max=self.settings.job_retries) if self.settings.job_retries else None,
+                meta={"model_id": spec.model_id, "done": 0, "total": len(spec.images)},
+                description=f"certify {len(spec.images)} image(s) with {spec.model_id}")
+            return job.id
+
+    def get(self, job_id: str) -> JobView | None:
+        with _redis_errors():
+            try:
+                job = Job.fetch(job_id, connection=self.redis, serializer=JSONSerializer)
+            except NoSuchJobError:
+                return None
+            status = job.get_status()
+            if status == JobStatus.STARTED:  # reap it if its worker died (heartbeats stopped)
+                StartedJobRegistry(queue=self._queue(job.meta["model_id"])).cleanup()
+                status = job.get_status()
+            view = JobView(job.id, "queued", job.meta.get("model_id", ""),
+                           job.meta.get("done", 0), job.meta.get("total", 0))
+            if status == JobStatus.FINISHED:
+                return finished_view(view, job.return_value() or {})
+            if status in (JobStatus.FAILED, JobStatus.STOPPED):
+                result = job.latest_result()
+                view.status = "failed"
+                view.error = _last_line(result.exc_string if result else None)
+            elif status == JobStatus.CANCELED:
+                view.status = "canceled"
+            elif status == JobStatus.STARTED:
+                view.status = "started"
+            return view
+
+    def cancel(self, job_id: str) -> bool:
+        with _redis_errors():
+            try:
+                job = Job.fetch(job_id, connection=self.redis, serializer=JSONSerializer)
+            except NoSuchJobError:
+                return False
+            self.redis.set(cancel_key(job_id), 1, ex=self.settings.result_ttl_s)
+            if job.get_status() in (JobStatus.QUEUED, JobStatus.SCHEDULED, JobStatus.DEFERRED):
+                job.cancel()
+            return True
+
+    def ready(self, model_id: str | None = None) -> tuple[bool, str]:
+        try:
+            self.redis.ping()
+            workers = Worker.all(connection=self.redis)
+        except RedisError as e:
+            return False, f"redis unreachable: {type(e).__name__}"
+        wanted = queue_name(model_id) if model_id else None
+        serving = [w for w in workers if wanted is None or wanted in w.queue_names()]
+        if not serving:
+            return False, f"no worker for {model_id or 'any model'}"
+        return True, f"{len(serving)} worker(s)"
+
+    def queue_depth(self) -> int:
+        with _redis_errors():
+            keys = self.redis.smembers("rq:queues")
+            return sum(self.redis.llen(k) for k in keys if k.startswith(b"rq:queue:splitz:"))
+
+    def close(self) -> None:
+        self.redis.close()
+
+
+class _redis_errors:
+    """Turn any Redis failure into BackendUnavailable (answered as 503)."""
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, kind, exc, tb):
+        if exc is not None and isinstance(exc, (RedisError, OSError)):
+            raise BackendUnavailable(f"queue unavailable: {type(exc).__name__}") from None
+        return False
+
+
+def _last_line(text: str | None) -> str:
+    lines = [line for line in (text or "").strip().splitlines() if line.strip()]
+    return lines[-1] if lines else "failed"
+
+
+def make_backend(settings: Settings) -> Backend:
+    return RQBackend(settings) if settings.redis_url else EmbeddedBackend(settings)

@@ -1,0 +1,41 @@
+"""Every error a client can cause, mapped once to an HTTP status with a JSON body."""
+
+from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse
+from starlette.exceptions import HTTPException
+
+from splitz.errors import CheckpointError, InputError, UnknownModelError
+
+from .backends import BackendUnavailable, QueueFull
+
+
+def error(status: int, message: str, headers: dict | None = None) -> JSONResponse:
+    return JSONResponse({"error": message}, status_code=status, headers=headers)
+
+
+def install(app: FastAPI) -> None:
+    handlers = {
+        InputError: lambda e: error(422, str(e)),
+        UnknownModelError: lambda e: error(404, str(e)),
+        CheckpointError: lambda e: error(500, f"model repository problem: {e}"),
+        QueueFull: lambda e: error(429, "queue is full, retry later", {"Retry-After": "30"}),
+        BackendUnavailable: lambda e: error(503, str(e), {"Retry-After": "5"}),
+        HTTPException: lambda e: error(e.status_code, str(e.detail), getattr(e, "headers", None)),
+        RequestValidationError: lambda e: error(422, _validation_message(e)),
+    }
+    for kind, make in handlers.items():
+        app.add_exception_handler(kind, _handler(make))
+
+
+def _handler(make):
+    async def handle(request: Request, exc: Exception) -> JSONResponse:
+        return make(exc)
+
+    return handle
+
+
+def _validation_message(e: RequestValidationError) -> str:
+    first = e.errors()[0]
+    where = ".".join(str(p) for p in first.get("loc", ()) if p != "body")
+    return f"{where}: {first.get('msg')}" if where else str(first.get("msg"))

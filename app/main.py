@@ -1,0 +1,36 @@
+"""Builds the FastAPI app: settings, backend and metrics live in the lifespan state."""
+
+import logging
+from contextlib import asynccontextmanager
+
+from fastapi import FastAPI
+
+from . import errors
+from .backends import make_backend
+from .limits import BodySizeLimit
+from .metrics import Metrics, RequestMetrics
+from .routes import certify, health, models
+from .settings import Settings
+
+
+def create_app(settings: Settings | None = None) -> FastAPI:
+    settings = settings or Settings()
+    metrics = Metrics()
+
+    @asynccontextmanager
+    async def lifespan(app: FastAPI):
+        app.state.backend = make_backend(settings)
+        yield
+        app.state.backend.close()
+
+    app = FastAPI(title="splitz", version="0.1.0", lifespan=lifespan,
+                  description="Certified l2 robustness with SPLITZ. Open when no API keys are "
+                              "configured; otherwise send X-API-Key.")
+    app.state.settings, app.state.metrics = settings, metrics
+    errors.install(app)
+    for router in (certify.router, models.router, health.router):
+        app.include_router(router)
+    app.add_middleware(BodySizeLimit, max_bytes=settings.max_body_bytes)
+    app.add_middleware(RequestMetrics, metrics=metrics)
+    logging.getLogger("splitz.api").setLevel(logging.INFO)
+    return app

@@ -1,0 +1,118 @@
+"""The production stack as plain processes: redis-server on a free port, uvicorn, N workers."""
+
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import httpx
+import pytest
+
+ROOT = Path(__file__).resolve().parents[2]
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def redis_binary() -> str:
+    path = shutil.which("redis-server")
+    if path:
+        return path
+    if os.environ.get("CI") == "true":
+        pytest.fail("redis-server is not installed (CI must install it: see .ci/run)")
+    pytest.skip("redis-server is not installed; the service tests need it")
+
+
+class RedisServer:
+    def __init__(self, workdir: Path):
+        self.binary, self.port, self.dir = redis_binary(), free_port(), workdir
+        self.proc: subprocess.Popen | None = None
+        self.start()
+
+    @property
+    def url(self) -> str:
+        return f"redis://127.0.0.1:{self.port}/0"
+
+    def start(self) -> None:
+        self.proc = subprocess.Popen(
+            [self.binary, "--port", str(self.port), "--bind", "127.0.0.1", "--save", "",
+             "--appendonly", "yes", "--dir", str(self.dir), "--maxmemory-policy", "noeviction"],
+            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        _wait(lambda: _connects(self.port), "redis-server to start")
+
+    def stop(self) -> None:
+        self.proc.send_signal(signal.SIGTERM)  # graceful: the AOF is flushed
+        self.proc.wait(10)
+
+
+class Stack:
+    """uvicorn + workers against one Redis; every process is killed on close."""
+
+    def __init__(self, redis: RedisServer, model_dir: Path, logdir: Path, workers: int = 1,
+                 **settings: str):
+        self.redis, self.logdir, self.port = redis, logdir, free_port()
+        self.env = os.environ | {
+            "SPLITZ_REDIS_URL": redis.url, "SPLITZ_MODEL_DIR": str(model_dir),
+            "SPLITZ_HEARTBEAT_S": "1", "SPLITZ_DEFAULT_N": "300", "PYTHONPATH": str(ROOT),
+        } | {f"SPLITZ_{k.upper()}": str(v) for k, v in settings.items()}
+        self.api = self._spawn("api", "serve", "--port", str(self.port))
+        self.workers = [self.add_worker() for _ in range(workers)]
+        self.url = f"http://127.0.0.1:{self.port}"
+        self.http = httpx.Client(base_url=self.url, timeout=60)
+        _wait(lambda: self._ready(), "the API and a worker to be ready", timeout=120)
+
+    def _spawn(self, name: str, *args: str) -> subprocess.Popen:
+        with open(self.logdir / f"{name}-{time.monotonic_ns()}.log", "w") as log:
+            return subprocess.Popen([sys.executable, "-m", "splitz", *args], env=self.env,
+                                    stdout=log, stderr=subprocess.STDOUT, cwd=ROOT)
+
+    def add_worker(self) -> subprocess.Popen:
+        return self._spawn("worker", "worker")
+
+    def _ready(self) -> bool:
+        try:
+            return httpx.get(f"http://127.0.0.1:{self.port}/readyz", timeout=2).status_code == 200
+        except httpx.HTTPError:
+            return False
+
+    def wait_job(self, job_id: str, timeout: float = 120.0, seen: list | None = None) -> dict:
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            body = self.http.get(f"/jobs/{job_id}").json()
+            if seen is not None:
+                seen.append(body)
+            if body["status"] in ("finished", "failed", "canceled"):
+                return body
+            time.sleep(0.1)
+        raise AssertionError(f"job {job_id} not done after {timeout}s: {body}")
+
+    def close(self) -> None:
+        self.http.close()
+        for p in [self.api, *self.workers]:
+            if p.poll() is None:
+                p.kill()
+                p.wait(10)
+
+
+def _connects(port: int) -> bool:
+    try:
+        with socket.create_connection(("127.0.0.1", port), timeout=0.5):
+            return True
+    except OSError:
+        return False
+
+
+def _wait(ok, what: str, timeout: float = 30.0) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if ok():
+            return
+        time.sleep(0.1)
+    raise RuntimeError(f"timed out waiting for {what}")

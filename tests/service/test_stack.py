@@ -1,0 +1,110 @@
+"""The service as it runs in production, as plain processes: Redis, uvicorn, RQ workers."""
+
+import os
+import signal
+import time
+
+import pytest
+import redis
+
+from splitz import checkpoint
+from splitz.images import load_image
+from splitz.smoothing import Smooth
+
+from .conftest import TINY, png_bytes
+from .stack import RedisServer, Stack
+
+pytestmark = pytest.mark.slow
+
+
+@pytest.fixture(scope="module")
+def redis_server(tmp_path_factory):
+    server = RedisServer(tmp_path_factory.mktemp("redis"))
+    yield server
+    if server.proc.poll() is None:
+        server.proc.kill()
+
+
+@pytest.fixture
+def make_stack(redis_server, repository, tmp_path):
+    stacks = []
+
+    def make(**kw) -> Stack:
+        redis.Redis.from_url(redis_server.url).flushall()
+        stacks.append(Stack(redis_server, repository, tmp_path, **kw))
+        return stacks[-1]
+
+    yield make
+    for s in stacks:
+        s.close()
+
+
+def files(count: int, start: int = 0):
+    return [("images", (f"{i}.png", png_bytes(i), "image/png")) for i in range(start,
+                                                                               start + count)]
+
+
+def test_certify_end_to_end_equals_the_engine_and_readiness(make_stack, repository):
+    stack = make_stack()
+    r = stack.http.post("/certify", params={"model": TINY, "seed": 4, "n": 500},
+                        files={"image": ("a.png", png_bytes(2), "image/png")})
+    assert r.status_code == 200, r.text
+    smooth = Smooth.from_checkpoint(checkpoint.load(repository / TINY))
+    want = smooth.certify(load_image(png_bytes(2), (1, 28, 28)), n=500, seed=4)[0]
+    assert {k: r.json()[k] for k in ("prediction", "radius", "n_a", "seed", "lipschitz")} == {
+        "prediction": want.prediction, "radius": want.radius, "n_a": want.n_a, "seed": 4,
+        "lipschitz": want.lipschitz}
+    assert stack.http.get("/readyz", params={"model": TINY}).status_code == 200
+    assert stack.http.get("/readyz", params={"model": "other"}).status_code == 503
+
+
+def test_batch_of_50_reports_progress(make_stack):
+    stack = make_stack(workers=2)
+    r = stack.http.post("/jobs", params={"model": TINY, "n": 200}, files=files(50))
+    assert r.status_code == 202, r.text
+    seen: list[dict] = []
+    body = stack.wait_job(r.json()["id"], seen=seen)
+    assert body["status"] == "finished" and len(body["results"]) == 50
+    done = [s["progress"]["done"] for s in seen]
+    assert done == sorted(done) and len(set(done)) >= 3 and done[-1] == 50
+    assert [x["seed"] for x in body["results"]] == list(range(50))
+
+
+def test_cancel_a_running_job(make_stack):
+    stack = make_stack()
+    job = stack.http.post("/jobs", params={"model": TINY, "n": 200}, files=files(40)).json()
+    while stack.http.get(f"/jobs/{job['id']}").json()["progress"]["done"] < 2:
+        time.sleep(0.05)
+    assert stack.http.delete(f"/jobs/{job['id']}").status_code == 202
+    body = stack.wait_job(job["id"])
+    assert body["status"] == "canceled" and body["progress"]["done"] < 40
+
+
+def test_worker_killed_mid_job_is_retried_not_lost(make_stack):
+    stack = make_stack()
+    job = stack.http.post("/jobs", params={"model": TINY, "n": 200}, files=files(12)).json()
+    while stack.http.get(f"/jobs/{job['id']}").json()["progress"]["done"] < 2:
+        time.sleep(0.05)
+    os.kill(stack.workers[0].pid, signal.SIGKILL)
+    stack.workers.append(stack.add_worker())
+    body = stack.wait_job(job["id"], timeout=180)
+    assert body["status"] == "finished" and len(body["results"]) == 12
+
+
+def test_redis_restart_gives_503_then_recovers(make_stack, redis_server):
+    stack = make_stack()
+    redis_server.stop()
+    try:
+        assert stack.http.get("/readyz").status_code == 503
+        r = stack.http.post("/certify", params={"model": TINY},
+                            files={"image": ("a.png", png_bytes(), "image/png")})
+        assert r.status_code == 503 and "unavailable" in r.json()["error"]
+        assert stack.http.get("/healthz").status_code == 200
+    finally:
+        redis_server.start()
+    deadline = time.monotonic() + 90
+    while stack.http.get("/readyz").status_code != 200 and time.monotonic() < deadline:
+        time.sleep(0.5)
+    r = stack.http.post("/certify", params={"model": TINY, "n": 100},
+                        files={"image": ("a.png", png_bytes(), "image/png")})
+    assert r.status_code == 200, r.text

@@ -1,0 +1,1 @@
+"""RQ workers: load checkpoints once, run certification jobs (JSON in, JSON out)."""
