@@ -2,6 +2,7 @@
 
 import argparse
 import json
+import shlex
 import sys
 from collections.abc import Sequence
 from pathlib import Path
@@ -59,6 +60,8 @@ def _parser() -> argparse.ArgumentParser:
     ev.add_argument("--seed", type=int, default=0)
     ev.add_argument("--device", default="cpu")
     ev.add_argument("--data-root", type=Path)
+    ev.add_argument("--record", action="store_true",
+                    help="write the summary into the model card's metrics")
     ev.set_defaults(run=_evaluate)
 
     pl = sub.add_parser("plot", help="certified accuracy vs radius for several TSVs, one PNG")
@@ -183,6 +186,15 @@ def _evaluate(args) -> int:
     summary = evaluate.evaluate(loaded, args.out, every, args.limit, args.n0, args.n, args.alpha,
                                 args.batch, args.seed, args.data_root, args.device)
     print(evaluate.markdown_table({loaded.card.id: summary}))
+    if args.record:
+        loaded.card.metrics[args.out.stem] = {
+            "tsv": args.out.name, "every": every, "images": summary.images, "n0": args.n0,
+            "n": args.n, "alpha": args.alpha, "seed": args.seed,
+            "certified_accuracy": {str(r): a for r, a in summary.certified_accuracy.items()},
+            "average_certified_radius": summary.average_certified_radius,
+            "command": shlex.join(["splitz", *sys.argv[1:]]) if sys.argv[1:] else "evaluate",
+        }
+        checkpoint.write_card(loaded.card, args.model)
     return 0
 
 
