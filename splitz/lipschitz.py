@@ -11,6 +11,10 @@ ball ||f1(x') - f1(x)|| <= ||M A||_2 ||x' - x||, with M the 0/1 mask of units th
 and diagonalize it with LAPACK; that is backward stable (error below d * eps * ||G||, about 1e-12
 relative here), and REL_MARGIN covers it with a wide safety factor. Never a truncated power
 iteration: that can only under-estimate a spectral norm.
+
+Floating point (Voracek & Hein, 2023): the deployed f1 is `exact(x)` -- f1 evaluated in float64
+-- rounded to float32 for f2. `float_slack` bounds how far that is from the real-valued f1, at x
+and anywhere on the ball, and `input_radius` takes it off R_z before dividing by L.
 """
 
 import math
@@ -23,6 +27,7 @@ from torch import Tensor, nn
 from .nets import BasicBlock, ClipReLU, Normalize
 
 REL_MARGIN = 1e-6  # relative safety margin on every computed norm
+U32, U64 = 2.0**-24, 2.0**-53  # unit roundoff of float32 / float64
 MASK_TOL = 1e-6  # a unit within this (relative) distance of a kink counts as one that can change
 GAMMA_REL_TOL = 1e-3  # the gamma bisection stops when its bracket is this narrow (relative)
 GRAM_BYTES = 256 * 2**20  # memory budget for a batch of Gram matrices
@@ -40,10 +45,12 @@ class F1Bound:
             self.global_bound = 1.0
             return
         norm, conv, act = _affine_clip_layers(layers)
-        std, mean = norm.std.detach().double().cpu(), norm.mean.detach().double().cpu()
-        self.weight = conv.weight.detach().double().cpu() / std.view(1, -1, 1, 1)  # A = W S^-1
-        bias = conv.bias.detach().double().cpu() if conv.bias is not None else 0.0
-        self.bias = bias - (self.weight * mean.view(1, -1, 1, 1)).sum((1, 2, 3))  # c = b - A m
+        self.std = norm.std.detach().double().cpu()
+        self.mean = norm.mean.detach().double().cpu()
+        self.conv_weight = conv.weight.detach().double().cpu()
+        self.conv_bias = (conv.bias.detach().double().cpu() if conv.bias is not None
+                          else torch.zeros(conv.out_channels, dtype=torch.float64))
+        self.weight = self.conv_weight / self.std.view(1, -1, 1, 1)  # A = W S^-1
         self.conv_args = dict(stride=conv.stride, padding=conv.padding, dilation=conv.dilation)
         self.kernel = self.weight.flatten(1)  # (c_out, c_in*kh*kw), ordered like F.unfold
         # Interior rows of A have exactly this norm; border rows lose padded taps, so it is >=.
@@ -56,8 +63,39 @@ class F1Bound:
         self.global_bound = float(self._mask_norm(ones)[0])
 
     def preactivation(self, x: Tensor) -> Tensor:
-        """u = A x + c in float64."""
-        return F.conv2d(x.detach().double().cpu(), self.weight, self.bias, **self.conv_args)
+        """u = W pad((x - m) / s) + b in float64, exactly as the model computes it (the padding
+        is zero in normalized space); its linear part is A."""
+        normed = (x.detach().double().cpu() - self.mean) / self.std
+        return F.conv2d(normed, self.conv_weight, self.conv_bias, **self.conv_args)
+
+    def exact(self, x: Tensor) -> Tensor:
+        """f1(x) in float64: the deployed f1 is this, rounded to float32."""
+        if self.identity:
+            return x.detach().double().cpu()
+        return torch.minimum(self.preactivation(x).clamp(min=0.0), self.threshold)
+
+    def float_slack(self, x: Tensor, gamma: Tensor) -> Tensor:
+        """Upper bound on |round32(exact(x)) - f1(x)| + |round32(exact(x')) - f1(x')| for every x'
+        on B(x, gamma), per image (0 for the identity split: the float32 input is f1's output).
+
+        Rounding to float32 moves each unit by at most U32 |value|, so the l2 norm by at most
+        U32 ||f1(x')|| <= U32 (||f1(x)|| + L gamma). The float64 evaluation adds, per unit, at
+        most gamma_k (sum_j |W_ij| N + |b_i|) with N >= |(x'_j - m) / s| and k = P + 3 (Higham's
+        bound for a length-P dot product plus the bias, the subtraction and the division)."""
+        if self.identity:
+            return torch.zeros(x.shape[0], dtype=torch.float64)
+        gamma = gamma.double().view(-1)
+        z_norm = self.exact(x).flatten(1).norm(dim=1)
+        reach = z_norm + self.global_bound * gamma
+        k = self.kernel.shape[1] + 3
+        gamma_k = k * U64 / (1 - k * U64)
+        x_max = x.detach().double().abs().flatten(1).amax(dim=1) + gamma
+        normed_max = (x_max + self.mean.abs().max()) / self.std.min()
+        per_channel = gamma_k * (self.conv_weight.abs().flatten(1).sum(1)[None]
+                                 * normed_max[:, None] + self.conv_bias.abs()[None])
+        positions = self.threshold[0].numel()
+        f64_error = (positions * per_channel.square().sum(1)).sqrt()
+        return 2 * ((U32 * (1 + U32)) * reach + f64_error)
 
     def can_change(self, u: Tensor, gamma: Tensor) -> Tensor:
         """Mask of units whose output can move on B(x, gamma); gamma has one entry per image."""
@@ -112,11 +150,12 @@ def _affine_clip_layers(layers: list[nn.Module]) -> tuple[Normalize, nn.Conv2d, 
 
 @dataclass(frozen=True)
 class InputRadius:
-    """radius = min(r_z / lipschitz, gamma): Theorem 1 at the chosen gamma."""
+    """radius = min((r_z - float_slack) / lipschitz, gamma): Theorem 1 at the chosen gamma."""
 
     radius: Tensor
     gamma: Tensor
     lipschitz: Tensor
+    float_slack: Tensor
 
 
 def input_radius(bound: F1Bound, x: Tensor, r_z: Tensor, rel_tol: float = GAMMA_REL_TOL,
@@ -126,15 +165,19 @@ def input_radius(bound: F1Bound, x: Tensor, r_z: Tensor, rel_tol: float = GAMMA_
     Every gamma gives a valid certificate, so the search spends no confidence budget. gamma L_gamma
     grows with gamma; the bracket [lo, hi] keeps lo feasible (lo L_lo <= r_z, so lo is certified)
     and hi infeasible; the answer is the best certificate among all gammas evaluated, within a
-    factor (1 - rel_tol) of the optimum. Radii are capped at the diameter of [0, 1]^d.
+    factor (1 - rel_tol) of the optimum. Radii are capped at the diameter of [0, 1]^d. r_z is
+    first reduced by the float slack of f1 on the largest ball the search can reach.
     """
-    r_z = r_z.double()
-    cap = math.sqrt(bound.dim)
-    lo = _safe_div(r_z, torch.full_like(r_z, bound.global_bound)).clamp(max=cap)
-    best = InputRadius(lo.clone(), lo.clone(), torch.full_like(r_z, bound.global_bound))
+    r_z, cap = r_z.double(), math.sqrt(bound.dim)
     if bound.identity:
-        return best
-    hi = _safe_div(r_z, bound.local(x, torch.zeros_like(r_z))).clamp(max=cap)
+        lo = r_z.clamp(max=cap)
+        return InputRadius(lo, lo.clone(), torch.ones_like(r_z), torch.zeros_like(r_z))
+    l0 = bound.local(x, torch.zeros_like(r_z))
+    slack = bound.float_slack(x, _safe_div(r_z, l0).clamp(max=cap))
+    r_z = (r_z - slack).clamp(min=0.0)
+    hi = _safe_div(r_z, l0).clamp(max=cap)
+    lo = torch.minimum(_safe_div(r_z, torch.full_like(r_z, bound.global_bound)), hi)
+    best = InputRadius(lo.clone(), lo.clone(), torch.full_like(r_z, bound.global_bound), slack)
     for _ in range(max_steps):
         active = (hi - lo > rel_tol * lo) & (r_z > 0)
         if not active.any():
@@ -145,7 +188,7 @@ def input_radius(bound: F1Bound, x: Tensor, r_z: Tensor, rel_tol: float = GAMMA_
         better = active & (cert > best.radius)
         best = InputRadius(torch.where(better, cert, best.radius),
                            torch.where(better, mid, best.gamma),
-                           torch.where(better, lip, best.lipschitz))
+                           torch.where(better, lip, best.lipschitz), slack)
         feasible = mid * lip <= r_z
         lo = torch.where(active & feasible, mid, lo)
         hi = torch.where(active & ~feasible, mid, hi)

@@ -36,6 +36,7 @@ class Certificate:
     lipschitz: float
     gamma: float
     lipschitz_global: float
+    float_slack: float  # taken off radius_feature for float rounding of f1 (see lipschitz.py)
     seed: int
     time_s: float
     model_id: str | None = None
@@ -104,7 +105,7 @@ class Smooth:
         start = time.perf_counter()
         x = self._images(x)
         with torch.inference_mode():
-            z = self.model.f1(x.to(self.device))
+            z = self._features(x)
             gens = self._generators(len(x), seed)
             bar = tqdm(total=(n0 + n) * len(x), unit="sample", unit_scale=True,
                        disable=not progress, desc="certify")
@@ -126,7 +127,8 @@ class Smooth:
                 radius_feature=round_down(float(r_z[i])), p_a_lower=float(p_lower[i]),
                 n_a=int(n_a[i]), n=n, n0=n0, alpha=alpha, sigma=self.model.sigma,
                 lipschitz=float(r.lipschitz[i]), gamma=float(r.gamma[i]),
-                lipschitz_global=self.bound.global_bound, seed=seed + i, time_s=elapsed,
+                lipschitz_global=self.bound.global_bound, float_slack=float(r.float_slack[i]),
+                seed=seed + i, time_s=elapsed,
                 model_id=self.model_id, model_sha256=self.model_sha256,
                 certified=None if radius is None else (not abstain and rad >= radius),
                 query_radius=radius,
@@ -140,7 +142,7 @@ class Smooth:
         _check_sampling(n, alpha)
         x = self._images(x)
         with torch.inference_mode():
-            z = self.model.f1(x.to(self.device))
+            z = self._features(x)
             counts = self.sample_counts(z, n, self._generators(len(x), seed))
         top2 = counts.topk(2, dim=1)
         out = []
@@ -149,6 +151,11 @@ class Smooth:
             p = binomial_pvalue(n_a, n_a + n_b)
             out.append(Prediction(c_a if p <= alpha else None, n_a, n_b, p, n, alpha, seed + i))
         return out
+
+    def _features(self, x: Tensor) -> Tensor:
+        """The deployed f1: evaluated in float64, rounded once to float32 (lipschitz.py bounds
+        the rounding), so the certificate does not depend on conv algorithms or TF32."""
+        return self.bound.exact(x).float().to(self.device)
 
     def sample_counts(self, z: Tensor, n: int, gens: list[torch.Generator],
                       bar: tqdm | None = None) -> Tensor:

@@ -15,9 +15,12 @@ from splitz.nets import BasicBlock, create_model
 from ..conftest import SHIPPED_MNIST, dense_a
 
 
-def with_thresholds(model, scale: float):
-    """Random clipped-ReLU thresholds in [0, scale]: many units saturate, masks get interesting."""
+def with_thresholds(model, scale: float | None):
+    """Random clipped-ReLU thresholds in [0, scale]: many units saturate, masks get interesting.
+    scale None keeps the model's own (trained) thresholds."""
     model = copy.deepcopy(model)
+    if scale is None:
+        return model
     with torch.no_grad():
         model.f1[2].threshold.uniform_(0, scale)
     return model
@@ -195,3 +198,30 @@ def test_block_and_profile_bounds_hold_on_random_pairs():
     assert rows[0].bound == pytest.approx(1 / 0.2435 * (1 + 1e-6))  # 1/min(std)
     assert [r.in_f1 for r in rows[:4]] == [True, True, True, False]
     assert rows[-1].cumulative == pytest.approx(math.prod(r.bound for r in rows), rel=1e-9)
+
+
+@pytest.mark.parametrize("make,scale", models_under_test()[::2])
+def test_exact_f1_is_the_model_in_float64(make, scale):
+    """The bound's f1 (used for masks and as the deployed f1) is the model's f1, borders included:
+    zero padding happens in normalized space, not pixel space."""
+    model = with_thresholds(make().eval(), scale)
+    b = F1Bound(model.f1, model.input_shape)
+    x = torch.rand(3, *model.input_shape, dtype=torch.float64)
+    assert (b.exact(x) - copy.deepcopy(model.f1).double()(x)).abs().max() <= 1e-12
+
+
+@pytest.mark.parametrize("make,scale", models_under_test()[::2])
+def test_float_slack_covers_rounding_to_float32_on_the_ball(make, scale):
+    model = with_thresholds(make().eval(), scale)
+    b = F1Bound(model.f1, model.input_shape)
+    x = torch.rand(2, *model.input_shape)
+    gamma = torch.tensor([0.5, 2.0], dtype=torch.float64)
+    slack = b.float_slack(x, gamma)
+    for _ in range(5):
+        d = torch.randn(x.shape, dtype=torch.float64)
+        d = d / d.flatten(1).norm(dim=1).view(-1, 1, 1, 1) * gamma.view(-1, 1, 1, 1)
+        for point in (x.double(), x.double() + d):
+            z = b.exact(point)
+            err = (z.float().double() - z).flatten(1).norm(dim=1)
+            assert (err <= slack / 2).all()
+    assert (slack < 1e-3).all()  # and it costs almost nothing
