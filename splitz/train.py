@@ -46,6 +46,7 @@ class TrainConfig(BaseModel):
     gamma_end: float = 0.05  # training ball radius, ramped from 0
     ramp_epochs: int = 5  # epochs over which kappa and gamma ramp
     power_iters: int = 5
+    mask_temperature: float = 0.0  # > 0: a soft mask in the penalty (see lipschitz_estimate)
     train_limit: int | None = None  # use only the first N training images (quick models)
     seed: int = 0
     data_root: Path | None = None
@@ -80,16 +81,23 @@ def train(cfg: TrainConfig, command: str | None = None) -> Path:
     return checkpoint.save(model, card, cfg.out)
 
 
-def lipschitz_estimate(model: SplitModel, x: Tensor, gamma: float, iters: int) -> Tensor:
+def lipschitz_estimate(model: SplitModel, x: Tensor, gamma: float, iters: int,
+                       temperature: float = 0.0) -> Tensor:
     """Per-image power-iteration estimate of ||M A||_2 (differentiable in the conv weight).
 
-    A lower estimate of the sound bound: fine as a training signal, never used to certify.
+    A lower estimate of the sound bound: fine as a training signal, never used to certify. With
+    temperature > 0 the 0/1 mask M becomes sigmoid((u + reach) / T) sigmoid((t - u + reach) / T),
+    so the penalty also pushes units out of their linear band (dead or saturated on the ball)
+    rather than only shrinking the weights.
     """
     norm, conv, act = model.f1
     u = conv(norm(x))
-    with torch.no_grad():
-        a_w = conv.weight / norm.std.view(1, -1, 1, 1)
-        reach = a_w.flatten(1).norm(dim=1).view(1, -1, 1, 1) * gamma
+    reach = (conv.weight / norm.std.view(1, -1, 1, 1)).flatten(1).norm(dim=1).view(1, -1, 1, 1)
+    reach = reach * gamma
+    if temperature > 0:
+        mask = torch.sigmoid((u + reach) / temperature) * torch.sigmoid(
+            (act.upper() - u + reach) / temperature)
+    else:
         mask = ((u + reach > 0) & (u - reach < act.upper())).float()
 
     def apply(v: Tensor) -> Tensor:
@@ -129,7 +137,8 @@ def _epoch(cfg: TrainConfig, model: SplitModel, opt, sched, epoch: int) -> dict[
         ce = F.cross_entropy(logits, y)
         loss, lip = ce, torch.zeros(())
         if penalize:
-            lip = lipschitz_estimate(model, x, gamma, cfg.power_iters).mean()
+            lip = lipschitz_estimate(model, x, gamma, cfg.power_iters,
+                                     cfg.mask_temperature).mean()
             if lip.item() > cfg.theta:
                 loss = (1 - kappa) * ce + kappa * lip
         opt.zero_grad(set_to_none=True)

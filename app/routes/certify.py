@@ -3,6 +3,7 @@
 import asyncio
 import base64
 import io
+import logging
 import re
 import time
 import zipfile
@@ -23,6 +24,7 @@ from ..limits import ApiKey
 from ..settings import Settings
 
 router = APIRouter(tags=["certify"], dependencies=[ApiKey])
+log = logging.getLogger("splitz.api")
 JOB_ID = re.compile(r"^[0-9a-f]{32}$|^[0-9a-f-]{36}$")
 TERMINAL = ("finished", "failed", "canceled")
 
@@ -44,8 +46,7 @@ async def certify(request: Request, backend: BackendDep, settings: SettingsDep) 
     """Certify one image: multipart field `image`, or JSON `{"image": "<base64>"}`. Parameters
     go in the query string (or the JSON body): model, radius, n, n0, alpha, seed, wait."""
     params, images = await _read(request, settings, batch=False)
-    job_id = backend.submit(_spec(params, images, settings))
-    request.app.state.metrics.jobs.labels("submitted").inc()
+    job_id = _submit(request, backend, _spec(params, images, settings))
     view = await _wait(backend, job_id, settings.sync_wait_s if params.wait else 0.0)
     if view.status not in TERMINAL:
         return _accepted(request, view)
@@ -61,8 +62,7 @@ async def submit(request: Request, backend: BackendDep, settings: SettingsDep) -
     """A batch: multipart fields `images` (repeated) and/or `zip` (a zip of PNG/JPEG files), or
     JSON `{"images": ["<base64>", ...], "names": [...]}`; parameters as for /certify."""
     params, images = await _read(request, settings, batch=True)
-    job_id = backend.submit(_spec(params, images, settings))
-    request.app.state.metrics.jobs.labels("submitted").inc()
+    job_id = _submit(request, backend, _spec(params, images, settings))
     return _accepted(request, backend.get(job_id))
 
 
@@ -82,6 +82,14 @@ def cancel(job_id: str, request: Request, backend: BackendDep) -> dict[str, Any]
 
 
 # -- helpers ---------------------------------------------------------------------------------
+
+def _submit(request: Request, backend, spec: JobSpec) -> str:
+    job_id = backend.submit(spec)
+    request.app.state.metrics.jobs.labels("submitted").inc()
+    log.info("job %s submitted: %d image(s), model %s, n=%d", job_id, len(spec.images),
+             spec.model_id, spec.n)
+    return job_id
+
 
 async def _read(request: Request, settings: Settings,
                 batch: bool) -> tuple[Params, list[tuple[str, bytes]]]:

@@ -9,17 +9,19 @@ from PIL import Image
 from splitz import checkpoint
 from splitz.nets import create_model
 
-TINY = "tiny"  # a narrow LeNet: certifying with a few hundred samples takes milliseconds
+TINY = "tiny"  # a narrow SPLITZ LeNet: a few hundred samples take milliseconds
+TINY_RS = "tiny-rs"  # the same, split at the input: no Lipschitz search, for many-image jobs
 
 
 def make_repository(root: Path) -> Path:
-    torch.manual_seed(0)
-    model = create_model("lenet", "mnist", "conv1", 0.5, width=4)
-    with torch.no_grad():
-        model.f2[-1].bias[7] = 30.0  # a confident base classifier: class 7 nearly everywhere
-    card = checkpoint.ModelCard(id=TINY, arch="lenet", arch_kwargs={"width": 4}, dataset="mnist",
-                                split="conv1", sigma=0.5)
-    checkpoint.save(model, card, root / TINY)
+    for model_id, split in ((TINY, "conv1"), (TINY_RS, "input")):
+        torch.manual_seed(0)
+        model = create_model("lenet", "mnist", split, 0.5, width=4)
+        with torch.no_grad():
+            model.f2[-1].bias[7] = 30.0  # a confident base classifier: class 7 nearly everywhere
+        card = checkpoint.ModelCard(id=model_id, arch="lenet", arch_kwargs={"width": 4},
+                                    dataset="mnist", split=split, sigma=0.5)
+        checkpoint.save(model, card, root / model_id)
     return root
 
 

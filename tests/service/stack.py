@@ -82,7 +82,7 @@ class Stack:
         except httpx.HTTPError:
             return False
 
-    def wait_job(self, job_id: str, timeout: float = 120.0, seen: list | None = None) -> dict:
+    def wait_job(self, job_id: str, timeout: float = 300.0, seen: list | None = None) -> dict:
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
             body = self.http.get(f"/jobs/{job_id}").json()

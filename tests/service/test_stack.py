@@ -11,7 +11,7 @@ from splitz import checkpoint
 from splitz.images import load_image
 from splitz.smoothing import Smooth
 
-from .conftest import TINY, png_bytes
+from .conftest import TINY, TINY_RS, png_bytes
 from .stack import RedisServer, Stack
 
 pytestmark = pytest.mark.slow
@@ -60,7 +60,7 @@ def test_certify_end_to_end_equals_the_engine_and_readiness(make_stack, reposito
 
 def test_batch_of_50_reports_progress(make_stack):
     stack = make_stack(workers=2)
-    r = stack.http.post("/jobs", params={"model": TINY, "n": 200}, files=files(50))
+    r = stack.http.post("/jobs", params={"model": TINY_RS, "n": 5000}, files=files(50))
     assert r.status_code == 202, r.text
     seen: list[dict] = []
     body = stack.wait_job(r.json()["id"], seen=seen)
@@ -72,7 +72,8 @@ def test_batch_of_50_reports_progress(make_stack):
 
 def test_cancel_a_running_job(make_stack):
     stack = make_stack()
-    job = stack.http.post("/jobs", params={"model": TINY, "n": 200}, files=files(40)).json()
+    job = stack.http.post("/jobs", params={"model": TINY_RS, "n": 20_000},
+                          files=files(40)).json()
     while stack.http.get(f"/jobs/{job['id']}").json()["progress"]["done"] < 2:
         time.sleep(0.05)
     assert stack.http.delete(f"/jobs/{job['id']}").status_code == 202
@@ -82,12 +83,13 @@ def test_cancel_a_running_job(make_stack):
 
 def test_worker_killed_mid_job_is_retried_not_lost(make_stack):
     stack = make_stack()
-    job = stack.http.post("/jobs", params={"model": TINY, "n": 200}, files=files(12)).json()
+    job = stack.http.post("/jobs", params={"model": TINY_RS, "n": 20_000},
+                          files=files(12)).json()
     while stack.http.get(f"/jobs/{job['id']}").json()["progress"]["done"] < 2:
         time.sleep(0.05)
     os.kill(stack.workers[0].pid, signal.SIGKILL)
     stack.workers.append(stack.add_worker())
-    body = stack.wait_job(job["id"], timeout=180)
+    body = stack.wait_job(job["id"])
     assert body["status"] == "finished" and len(body["results"]) == 12
 
 
@@ -108,3 +110,27 @@ def test_redis_restart_gives_503_then_recovers(make_stack, redis_server):
     r = stack.http.post("/certify", params={"model": TINY, "n": 100},
                         files={"image": ("a.png", png_bytes(), "image/png")})
     assert r.status_code == 200, r.text
+
+
+def test_client_and_submit_cli(make_stack, tmp_path, capsys):
+    from app.client import Client, ServiceError
+    from splitz.cli import main
+
+    stack = make_stack()
+    paths = []
+    for i in range(3):
+        paths.append(tmp_path / f"d{i}.png")
+        paths[-1].write_bytes(png_bytes(i))
+    client = Client(stack.url)
+    one = client.certify(paths[0], TINY, n=200, seed=0)
+    assert one["prediction"] == 7 and one["seed"] == 0
+    with pytest.raises(ServiceError, match="404"):
+        client.certify(paths[0], "nope")
+    out = tmp_path / "out.csv"
+    assert main(["submit", *map(str, paths), "--model", TINY, "--url", stack.url, "--n", "200",
+                 "--format", "csv", "--out", str(out)]) == 0
+    rows = out.read_text().splitlines()
+    assert rows[0].startswith("name,prediction,radius") and len(rows) == 4
+    assert rows[1].split(",")[2] == str(one["radius"])  # same seed, same answer
+    assert main(["submit", str(paths[0]), "--model", "nope", "--url", stack.url]) == 2
+    assert "unknown model" in capsys.readouterr().err
