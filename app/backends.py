@@ -4,7 +4,9 @@ One interface, two implementations; the routes never know which."""
 import threading
 import time
 import uuid
+from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
@@ -76,6 +78,7 @@ class EmbeddedBackend:
             raise QueueFull
         view = JobView(uuid.uuid4().hex, "queued", spec.model_id, total=len(spec.images))
         with self.lock:
+            self._forget_expired()
             self.jobs[view.id] = view
         self.pool.submit(self._run, view, spec)
         return view.id
@@ -101,6 +104,14 @@ class EmbeddedBackend:
         except Exception as e:  # a bug: report it on the job rather than lose the job
             view.status, view.error = "failed", f"internal error: {type(e).__name__}"
             raise
+
+    def _forget_expired(self) -> None:
+        """Results are kept result_ttl_s, as on Redis; then the job is forgotten."""
+        horizon = time.time() - self.settings.result_ttl_s
+        for job_id in [k for k, v in self.jobs.items()
+                       if v.status in ("finished", "failed", "canceled") and v.created < horizon]:
+            del self.jobs[job_id]
+            self.canceled.discard(job_id)
 
     def get(self, job_id: str) -> JobView | None:
         return self.jobs.get(job_id)
@@ -203,16 +214,13 @@ class RQBackend:
         self.redis.close()
 
 
-class _redis_errors:
+@contextmanager
+def _redis_errors() -> Iterator[None]:
     """Turn any Redis failure into BackendUnavailable (answered as 503)."""
-
-    def __enter__(self):
-        return self
-
-    def __exit__(self, kind, exc, tb):
-        if exc is not None and isinstance(exc, (RedisError, OSError)):
-            raise BackendUnavailable(f"queue unavailable: {type(exc).__name__}") from None
-        return False
+    try:
+        yield
+    except (RedisError, OSError) as e:
+        raise BackendUnavailable(f"queue unavailable: {type(e).__name__}") from None
 
 
 def _last_line(text: str | None) -> str:
