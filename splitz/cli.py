@@ -189,7 +189,7 @@ def _evaluate(args) -> int:
     if args.record:
         loaded.card.metrics[args.out.stem] = {
             "tsv": args.out.name, "every": every, "images": summary.images, "n0": args.n0,
-            "n": args.n, "alpha": args.alpha, "seed": args.seed,
+            "n": args.n, "alpha": args.alpha, "seed": args.seed, "batch": args.batch,
             "certified_accuracy": {str(r): a for r, a in summary.certified_accuracy.items()},
             "average_certified_radius": summary.average_certified_radius,
             "command": shlex.join(["splitz", *sys.argv[1:]]) if sys.argv[1:] else "evaluate",

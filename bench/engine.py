@@ -1,0 +1,107 @@
+"""Certification throughput of the engine against (a) Cohen et al.'s CERTIFY followed literally
+and (b) this machine's matmul peak, all measured in one process run.
+
+    python bench/engine.py --model models/mnist-splitz-quick [--batches 100,1000,10000]
+
+Prints one JSON line per figure, then a table. The reference pushes every sample through the
+whole network, one image at a time, batch 400, noise drawn on the CPU, counting in a Python loop
+(locuslab/smoothing `core.py`).
+"""
+
+import argparse
+import json
+import time
+
+import torch
+from torch.utils.flop_counter import FlopCounterMode
+
+from splitz import Smooth, load_model
+
+
+def matmul_peak(dtype: torch.dtype, size: int = 2048, seconds: float = 2.0) -> float:
+    """Best sustained GFLOP/s of a square matmul in `dtype`."""
+    a, b = torch.randn(size, size, dtype=dtype), torch.randn(size, size, dtype=dtype)
+    a @ b  # warm up
+    best, end = 0.0, time.perf_counter() + seconds
+    while time.perf_counter() < end:
+        t = time.perf_counter()
+        a @ b
+        best = max(best, 2 * size**3 / (time.perf_counter() - t) / 1e9)
+    return best
+
+
+def f2_flops(smooth: Smooth) -> float:
+    """FLOPs of f2 for one sample (matmuls and convs, as counted by torch)."""
+    z = smooth._features(torch.rand(1, *smooth.model.input_shape))
+    with FlopCounterMode(display=False) as counter, torch.inference_mode():
+        smooth.model.f2(z)
+    return float(counter.get_total_flops())
+
+
+def engine_rate(smooth: Smooth, x: torch.Tensor, n: int) -> float:
+    """Noise samples per second through the engine's sampler (f1 once, f2 in batches)."""
+    z = smooth._features(x[None])
+    gens = [torch.Generator().manual_seed(0)]
+    with torch.inference_mode():
+        smooth.sample_counts(z, min(n, smooth.batch_size), gens)  # warm up
+        t = time.perf_counter()
+        smooth.sample_counts(z, n, gens)
+    return n / (time.perf_counter() - t)
+
+
+def reference_rate(smooth: Smooth, x: torch.Tensor, n: int, batch: int = 400) -> float:
+    """Cohen et al.'s _sample_noise, literally: whole network per sample, CPU noise, a Python
+    counting loop."""
+    model, sigma = smooth.model, smooth.model.sigma
+    counts = [0] * model.num_classes
+    t = time.perf_counter()
+    with torch.no_grad():
+        remaining = n
+        while remaining > 0:
+            this = min(batch, remaining)
+            remaining -= this
+            z = model.f1(x[None].repeat(this, 1, 1, 1))  # f1 again for every copy
+            preds = model.f2(z + torch.randn(z.shape) * sigma).argmax(1)
+            for p in preds.cpu().numpy():
+                counts[p] += 1
+    return n / (time.perf_counter() - t)
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__)
+    p.add_argument("--model", required=True)
+    p.add_argument("--batches", default="100,1000,10000")
+    p.add_argument("--n", type=int, default=20_000, help="samples per measurement")
+    args = p.parse_args()
+    loaded = load_model(args.model)
+    x = torch.rand(*loaded.model.input_shape)
+    rows = []
+
+    def emit(**fields):
+        rows.append(fields)
+        print(json.dumps(fields), flush=True)
+
+    peak32, peak16 = matmul_peak(torch.float32), matmul_peak(torch.bfloat16)
+    emit(figure="matmul_peak_gflops", float32=round(peak32, 1), bfloat16=round(peak16, 1))
+    flops = f2_flops(Smooth.from_checkpoint(loaded))
+    emit(figure="f2_flops_per_sample", value=flops)
+    ref = reference_rate(Smooth.from_checkpoint(loaded), x, min(args.n, 4000))
+    emit(figure="reference", samples_per_s=round(ref), s_per_image_100k=round(1e5 / ref, 2),
+         fraction_of_f32_peak=round(flops * ref / 1e9 / peak32, 3))
+    for b in map(int, args.batches.split(",")):
+        rate = engine_rate(Smooth.from_checkpoint(loaded, batch_size=b), x, args.n)
+        emit(figure="engine", batch=b, samples_per_s=round(rate),
+             s_per_image_100k=round(1e5 / rate, 2), speedup=round(rate / ref, 2),
+             fraction_of_f32_peak=round(flops * rate / 1e9 / peak32, 3))
+    print(f"\nmodel {loaded.card.id}: f2 = {flops / 1e6:.1f} MFLOP/sample; matmul peak "
+          f"{peak32:.0f} GFLOP/s float32, {peak16:.0f} bfloat16")
+    print(f"{'run':<22}{'samples/s':>12}{'s/image @1e5':>14}{'x ref':>8}{'% f32 peak':>12}")
+    for r in rows[2:]:
+        name = ("reference (batch 400)" if r["figure"] == "reference"
+                else f"engine batch {r['batch']}")
+        print(f"{name:<22}{r['samples_per_s']:>12}{r['s_per_image_100k']:>14}"
+              f"{r.get('speedup', 1.0):>8}{100 * r['fraction_of_f32_peak']:>11.1f}%")
+
+
+if __name__ == "__main__":
+    main()
