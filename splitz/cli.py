@@ -171,10 +171,10 @@ def _predict(args) -> int:
 
 
 def _lipschitz(args) -> int:
-    loaded = checkpoint.load(args.model)
-    rows = [[r.name, f"{r.bound:.4f}", f"{r.cumulative:.4g}"] for r in layer_profile(loaded.model)]
+    profile = layer_profile(checkpoint.load(args.model).model)
+    rows = [[r.name, f"{r.bound:.4f}", f"{r.cumulative:.4g}"] for r in profile]
     _table(["layer", "L (upper bound)", "product so far"], rows)
-    split = sum(1 for r in layer_profile(loaded.model) if r.in_f1)
+    split = sum(r.in_f1 for r in profile)
     print(f"split after {split} layer(s) of f1; the certificate uses the exact local bound of f1 "
           "and no bound at all on f2 (it is smoothed).")
     return 0

@@ -9,9 +9,7 @@ import tarfile
 from dataclasses import dataclass
 from pathlib import Path
 
-import numpy as np
-import torch
-from torch.utils.data import Dataset, Subset, TensorDataset
+from torch.utils.data import Dataset
 from torchvision import datasets, transforms
 
 
@@ -63,12 +61,6 @@ def load(name: str, train: bool, root: Path | None = None, augment: bool = False
     raise ValueError(f"unknown data set {name!r}")
 
 
-def every_kth(dataset: Dataset, k: int, limit: int | None = None) -> Subset:
-    """The fixed evaluation subset: images 0, k, 2k, ... (every 20th CIFAR-10 test image = 500)."""
-    idx = list(range(0, len(dataset), k))[:limit]
-    return Subset(dataset, idx)
-
-
 def _has_mnist(root: Path) -> bool:
     raw = root / "MNIST" / "raw"
     return all((raw / f).exists() for f in ("train-images-idx3-ubyte", "t10k-images-idx3-ubyte"))
@@ -84,13 +76,6 @@ def _cifar10(root: Path, train: bool, augment: bool) -> Dataset:
         split = next(folder.rglob("train" if train else "test"))
         return datasets.ImageFolder(split, transform=transforms.Compose(tf))
     return datasets.CIFAR10(root, train=train, download=True, transform=transforms.Compose(tf))
-
-
-def cifar10_exact_test(root: Path | None = None) -> TensorDataset:
-    """The first 1000 CIFAR-10 test images with their original (exact) pixels."""
-    npz = np.load(Path(root or default_root()) / "cifar10-exact-subset.npz")
-    x = torch.from_numpy(npz["x_test_first1000"]).permute(0, 3, 1, 2).float() / 255.0
-    return TensorDataset(x, torch.from_numpy(npz["y_test_first1000"]).long())
 
 
 def cache_dir() -> Path:
