@@ -5,6 +5,7 @@ import time
 from dataclasses import asdict, dataclass
 
 import torch
+from scipy.stats import norm
 from torch import Tensor
 from tqdm import tqdm
 
@@ -12,7 +13,13 @@ from .checkpoint import LoadedModel
 from .errors import InputError
 from .lipschitz import F1Bound, input_radius
 from .nets import SplitModel
-from .stats import binomial_pvalue, clopper_pearson_lower, feature_radius, round_down
+from .stats import (
+    binomial_pvalue,
+    clopper_pearson_lower,
+    clopper_pearson_upper,
+    feature_radius,
+    round_down,
+)
 
 
 @dataclass(frozen=True)
@@ -61,6 +68,30 @@ class Prediction:
     n_b: int
     p_value: float
     n: int
+    alpha: float
+    seed: int
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+@dataclass(frozen=True)
+class RadiusAnswer:
+    """Whether `radius` is certified, decided by sequential sampling (Smooth.query).
+
+    With probability >= 1 - alpha: if certified, g predicts `prediction` on the whole l2 ball of
+    `radius`. alpha is split evenly (Bonferroni) over the planned looks, so stopping early at any
+    look keeps the guarantee."""
+
+    certified: bool
+    prediction: int | None
+    radius: float
+    samples: int  # estimation samples used (n0 selection samples not included)
+    looks: int
+    n_a: int
+    p_a_lower: float
+    p_needed: float  # pA_lower had to exceed this: Phi((radius L_radius + slack) / sigma)
+    lipschitz: float
     alpha: float
     seed: int
 
@@ -134,6 +165,53 @@ class Smooth:
                 query_radius=radius,
             ))
         return certs
+
+    def query(self, x: Tensor, radius: float, alpha: float = 0.001, n0: int = 100,
+              n_max: int = 100_000, first: int = 1000, growth: int = 2,
+              seed: int = 0) -> list[RadiusAnswer]:
+        """Is each image certified at `radius`? Samples in rounds of geometric size (first,
+        first * growth, ... up to n_max) and stops as soon as the answer is decided.
+
+        Certified at r  <=>  (R_z - slack) >= r L_r  <=>  pA > p* = Phi((r L_r + slack) / sigma),
+        the same test `certify` makes (Theorem 1 at gamma = r). Look k uses a one-sided
+        Clopper-Pearson bound at alpha / K; it stops certified when the lower bound passes p*,
+        and stops uncertified when the upper bound falls below p*."""
+        _check_sampling(n_max, alpha, n0)
+        if not (math.isfinite(radius) and radius >= 0):
+            raise InputError(f"radius must be a finite number >= 0, got {radius}")
+        looks = _schedule(first, growth, n_max)
+        level = alpha / len(looks)
+        x = self._images(x)
+        gamma = torch.full((len(x),), float(radius), dtype=torch.float64)
+        lips = self.bound.local(x, gamma)
+        slack = self.bound.float_slack(x, gamma)
+        answers = []
+        with torch.inference_mode():
+            z = self._features(x)
+            gens = self._generators(len(x), seed)
+            tops = self.sample_counts(z, n0, gens).argmax(dim=1)
+            for i in range(len(x)):
+                p_star = float(norm.cdf((radius * lips[i] + slack[i]) / self.model.sigma))
+                p_star = max(0.5, p_star)
+                n_a, drawn, low = self._sequential(z[i:i + 1], gens[i], int(tops[i]), looks,
+                                                   level, p_star)
+                certified = low > p_star
+                answers.append(RadiusAnswer(
+                    certified, int(tops[i]) if certified else None, radius, drawn,
+                    looks.index(drawn) + 1, n_a, low, p_star, float(lips[i]), alpha, seed + i))
+        return answers
+
+    def _sequential(self, z: Tensor, gen: torch.Generator, top: int, looks: list[int],
+                    level: float, p_star: float) -> tuple[int, int, float]:
+        """Sample up to each look until the bound at `level` decides pA > p* either way."""
+        n_a = drawn = 0
+        for total in looks:
+            n_a += int(self.sample_counts(z, total - drawn, [gen])[0, top])
+            drawn = total
+            low = clopper_pearson_lower(n_a, drawn, level)
+            if low > p_star or clopper_pearson_upper(n_a, drawn, level) <= p_star:
+                break
+        return n_a, drawn, low
 
     def predict(self, x: Tensor, n: int = 10_000, alpha: float = 0.001,
                 seed: int = 0) -> list[Prediction]:
@@ -216,6 +294,16 @@ def _device(name: str) -> torch.device:
     if device.type == "cuda" and not torch.cuda.is_available():
         raise InputError("device 'cuda' asked for, but no CUDA GPU is available")
     return device
+
+
+def _schedule(first: int, growth: int, n_max: int) -> list[int]:
+    """Cumulative sample counts at each look: first, first * growth, ..., n_max."""
+    if first < 1 or growth < 2:
+        raise InputError("the schedule needs first >= 1 and growth >= 2")
+    looks = [min(first, n_max)]
+    while looks[-1] < n_max:
+        looks.append(min(looks[-1] * growth, n_max))
+    return looks
 
 
 def _check_sampling(n: int, alpha: float, n0: int = 1) -> None:

@@ -11,7 +11,7 @@ from splitz.data import DatasetSpec
 from splitz.errors import InputError
 from splitz.lipschitz import F1Bound
 from splitz.nets import ClipReLU, Normalize, SplitModel, create_model
-from splitz.smoothing import Smooth
+from splitz.smoothing import Smooth, _schedule
 from splitz.stats import round_down
 
 from ..conftest import dense_a
@@ -126,3 +126,32 @@ def test_bad_images_and_devices_are_input_errors():
     if not torch.cuda.is_available():
         with pytest.raises(InputError, match="CUDA"):
             Smooth(model, device="cuda")
+
+
+def test_schedule_of_looks():
+    assert _schedule(1000, 2, 100_000) == [1000, 2000, 4000, 8000, 16000, 32000, 64000, 100_000]
+    assert _schedule(500, 3, 400) == [400]
+
+
+def test_query_stops_early_both_ways():
+    model = create_model("lenet", "mnist", "input", sigma=0.25)
+    with torch.no_grad():
+        model.f2[-1].bias[3] = 50.0
+    smooth = Smooth(model, batch_size=500)
+    x = torch.rand(1, 28, 28)
+    easy = smooth.query(x, radius=0.1, n_max=100_000, first=500)[0]
+    assert easy.certified and easy.prediction == 3 and easy.samples == 500 and easy.looks == 1
+    noisy = Smooth(uniform_vote_model()).query(torch.zeros(1, 1, 10), radius=0.0, n_max=64_000,
+                                               first=500)[0]
+    assert not noisy.certified and noisy.samples == 500  # the upper bound already rules it out
+
+
+@pytest.mark.parametrize("seed", range(2))
+def test_query_agrees_with_the_exact_radius_of_the_linear_toy(seed):
+    model, x, (_, true_radius) = linear_toy(sigma=0.5, seed=seed)
+    smooth = Smooth(model, batch_size=2000)
+    at_zero = smooth.query(x, radius=0.0, n_max=8000, first=500, seed=seed)
+    for i, r in enumerate(true_radius.tolist()):
+        outside = smooth.query(x[i:i + 1], radius=1.05 * r, n_max=8000, first=500, seed=seed)[0]
+        assert not outside.certified  # never certified past the true radius
+    assert sum(a.certified for a in at_zero) >= 6  # radius 0 = "does g predict?": mostly yes
