@@ -7,6 +7,7 @@ from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 log = logging.getLogger("splitz.api")
+SEEN_CAP = 100_000
 
 
 class Metrics:
@@ -23,15 +24,19 @@ class Metrics:
                             ["status"], registry=self.registry)
         self.samples = Counter("splitz_samples_total", "Noise samples in delivered results",
                                registry=self.registry)
-        self._seen: set[str] = set()
+        self._seen: dict[str, None] = {}  # job ids already counted (insertion-ordered, capped)
 
     def job_done(self, job_id: str, status: str, results: list[dict] | None) -> None:
         """Count a job's final status and its samples once, when the API first sees it."""
         if job_id in self._seen:
             return
-        self._seen.add(job_id)
+        self._seen[job_id] = None
+        if len(self._seen) > SEEN_CAP:
+            del self._seen[next(iter(self._seen))]
         self.jobs.labels(status).inc()
-        self.samples.inc(sum(r["n"] + r["n0"] for r in results or []))
+        # a certificate used n0 + n samples; an early-stopped radius answer n0 + samples
+        self.samples.inc(sum(r["n0"] + (r["samples"] if "samples" in r else r["n"])
+                             for r in results or []))
 
 
 class RequestMetrics:

@@ -39,6 +39,13 @@ def _parser() -> argparse.ArgumentParser:
     c.add_argument("--radius", type=float, help="also say whether this radius is certified")
     c.set_defaults(run=_certify)
 
+    q = sub.add_parser("query", help="is the radius certified? stops sampling once decided")
+    _sampling_args(q, n=100_000)
+    q.add_argument("--radius", type=float, required=True)
+    q.add_argument("--n0", type=_positive_int, default=100, help="selection samples (100)")
+    q.add_argument("--first", type=_positive_int, default=1000, help="samples at the first look")
+    q.set_defaults(run=_query)
+
     pr = sub.add_parser("predict", help="smoothed prediction with a binomial test (may abstain)")
     _sampling_args(pr, n=10_000)
     pr.set_defaults(run=_predict)
@@ -152,6 +159,25 @@ def _certify(args) -> int:
         c = certs[0]
         print(f"model {c.model_id} sha256 {c.model_sha256[:16]}  sigma={c.sigma} "
               f"n0={c.n0} n={c.n} alpha={c.alpha} seed={c.seed}  L_global={c.lipschitz_global:.4f}")
+    return 0
+
+
+def _query(args) -> int:
+    smooth, loaded, x = _load(args)
+    answers = smooth.query(x, args.radius, alpha=args.alpha, n0=args.n0, n_max=args.n,
+                           first=args.first, seed=args.seed)
+    classes = loaded.model.spec.classes
+    rows = []
+    for path, a in zip(args.images, answers, strict=True):
+        if args.json:
+            print(json.dumps({"image": str(path)} | a.to_dict()))
+        rows.append([path.name, "yes" if a.certified else "no",
+                     "-" if a.prediction is None else classes[a.prediction],
+                     f"{a.samples}/{args.n}", str(a.looks), f"{a.p_a_lower:.6f}",
+                     f"{a.p_needed:.6f}"])
+    if not args.json:
+        _table([f"image (r={args.radius:g})", "certified", "class", "samples", "looks",
+                "pA_lower", "needed"], rows)
     return 0
 
 

@@ -86,7 +86,8 @@ class RadiusAnswer:
     certified: bool
     prediction: int | None
     radius: float
-    samples: int  # estimation samples used (n0 selection samples not included)
+    samples: int  # estimation samples used, after the n0 selection samples
+    n0: int
     looks: int
     n_a: int
     p_a_lower: float
@@ -197,7 +198,7 @@ class Smooth:
                                                    level, p_star)
                 certified = low > p_star
                 answers.append(RadiusAnswer(
-                    certified, int(tops[i]) if certified else None, radius, drawn,
+                    certified, int(tops[i]) if certified else None, radius, drawn, n0,
                     looks.index(drawn) + 1, n_a, low, p_star, float(lips[i]), alpha, seed + i))
         return answers
 

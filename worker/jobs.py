@@ -27,6 +27,7 @@ class JobSpec(BaseModel):
     alpha: float = Field(0.001, gt=0, lt=1)
     seed: int = 0
     radius: float | None = Field(None, ge=0, allow_inf_nan=False)
+    early_stop: bool = False  # with radius: only decide "certified at radius?" (Smooth.query)
 
 
 class Canceled(Exception):
@@ -76,9 +77,13 @@ def run_certify(spec: JobSpec, models: ModelCache,
     for i, (x, name) in enumerate(zip(images, names, strict=False)):
         if canceled():
             raise Canceled(f"canceled after {i} of {len(images)} images")
-        cert = smooth.certify(x, n0=spec.n0, n=spec.n, alpha=spec.alpha, seed=spec.seed + i,
-                              radius=spec.radius)[0]
-        results.append({"name": name} | cert.to_dict())
+        if spec.early_stop and spec.radius is not None:
+            answer = smooth.query(x, spec.radius, alpha=spec.alpha, n0=spec.n0, n_max=spec.n,
+                                  seed=spec.seed + i)[0]
+        else:
+            answer = smooth.certify(x, n0=spec.n0, n=spec.n, alpha=spec.alpha,
+                                    seed=spec.seed + i, radius=spec.radius)[0]
+        results.append({"name": name} | answer.to_dict())
         progress(i + 1, len(images))
     return {"model_id": spec.model_id, "results": results,
             "seconds": round(time.perf_counter() - start, 3)}

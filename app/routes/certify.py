@@ -38,13 +38,15 @@ class Params(BaseModel):
     n0: int = Field(100, ge=1)
     alpha: float = Field(0.001, gt=0, lt=1)
     seed: int = Field(0, ge=0, le=2**62)
+    early_stop: bool = False  # with radius: stop sampling once "certified at radius?" is decided
     wait: bool = True
 
 
 @router.post("/certify", responses={202: {"description": "still running: poll the job URL"}})
 async def certify(request: Request, backend: BackendDep, settings: SettingsDep) -> JSONResponse:
     """Certify one image: multipart field `image`, or JSON `{"image": "<base64>"}`. Parameters
-    go in the query string (or the JSON body): model, radius, n, n0, alpha, seed, wait."""
+    go in the query string (or the JSON body): model, radius, n, n0, alpha, seed, wait, and
+    early_stop (with radius: answer only "certified at radius?", sampling until decided)."""
     params, images = await _read(request, settings, batch=False)
     job_id = _submit(request, backend, _spec(params, images, settings))
     view = await _wait(backend, job_id, settings.sync_wait_s if params.wait else 0.0)
@@ -138,6 +140,8 @@ def _check(params: Params, images: list[tuple[str, bytes]], settings: Settings,
     if len(images) > (settings.max_batch_images if batch else 1):
         raise InputError(f"too many images: {len(images)} (at most "
                          f"{settings.max_batch_images if batch else 1})")
+    if params.early_stop and params.radius is None:
+        raise InputError("early_stop needs a radius")
     for n in (params.n or settings.default_n, params.n0):
         if n > settings.max_n:
             raise InputError(f"n={n} is over this server's cap of {settings.max_n}")
@@ -154,7 +158,8 @@ def _check(params: Params, images: list[tuple[str, bytes]], settings: Settings,
 def _spec(params: Params, images: list[tuple[str, bytes]], settings: Settings) -> JobSpec:
     return JobSpec(model_id=params.model, images=[base64.b64encode(d).decode() for _, d in images],
                    names=[nm for nm, _ in images], n=params.n or settings.default_n,
-                   n0=params.n0, alpha=params.alpha, seed=params.seed, radius=params.radius)
+                   n0=params.n0, alpha=params.alpha, seed=params.seed, radius=params.radius,
+                   early_stop=params.early_stop)
 
 
 def _b64(text: str, name: str) -> bytes:

@@ -180,3 +180,14 @@ def test_health_models_metrics_and_docs(client):
     assert client.get("/openapi.json").json()["info"]["title"] == "splitz"
     assert client.get("/docs").status_code == 200
 
+
+
+def test_radius_query_stops_early(client):
+    r = client.post("/certify", params={"model": TINY, "radius": 0.05, "early_stop": "true",
+                                        "n": 100_000}, files=upload(png_bytes()))
+    assert r.status_code == 200, r.text
+    body = r.json()
+    assert body["certified"] is True and body["samples"] < 100_000 and body["looks"] >= 1
+    r = client.post("/certify", params={"model": TINY, "early_stop": "true"},
+                    files=upload(png_bytes()))
+    assert r.status_code == 422 and "radius" in r.json()["error"]

@@ -96,3 +96,11 @@ def test_evaluate_writes_tsv_table_and_plot_and_resumes(model_dir, fake_mnist, t
     png = tmp_path / "plot.png"
     assert main(["plot", str(tsv), "--out", str(png)]) == 0
     assert png.read_bytes()[:4] == b"\x89PNG"
+
+
+def test_query_answers_with_fewer_samples(model_dir, digit, capsys):
+    assert main(["query", str(digit), "--model", str(model_dir), "--radius", "0.01",
+                 "--n", "4000", "--first", "200", "--json"]) == 0
+    answer = json.loads(capsys.readouterr().out)
+    assert answer["samples"] <= 4000 and answer["looks"] >= 1 and "p_needed" in answer
+    assert main(["query", str(digit), "--model", str(model_dir), "--radius", "-1"]) == 2
