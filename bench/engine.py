@@ -3,7 +3,8 @@ and (b) this machine's matmul peak, all measured in one process run.
 
     python bench/engine.py --model models/mnist-splitz-quick [--batches 100,1000,10000]
 
-Prints one JSON line per figure, then a table. The reference pushes every sample through the
+Prints one JSON line per figure, then a table; "% of peak" compares with the matmul peak of the
+same precision. The reference pushes every sample through the
 whole network, one image at a time, batch 400, noise drawn on the CPU, counting in a Python loop
 (locuslab/smoothing `core.py`).
 """
@@ -71,6 +72,7 @@ def main() -> None:
     p = argparse.ArgumentParser(description=__doc__)
     p.add_argument("--model", required=True)
     p.add_argument("--batches", default="100,1000,10000")
+    p.add_argument("--precisions", default="float32,bfloat16")
     p.add_argument("--n", type=int, default=20_000, help="samples per measurement")
     args = p.parse_args()
     loaded = load_model(args.model)
@@ -86,21 +88,25 @@ def main() -> None:
     flops = f2_flops(Smooth.from_checkpoint(loaded))
     emit(figure="f2_flops_per_sample", value=flops)
     ref = reference_rate(Smooth.from_checkpoint(loaded), x, min(args.n, 4000))
-    emit(figure="reference", samples_per_s=round(ref), s_per_image_100k=round(1e5 / ref, 2),
-         fraction_of_f32_peak=round(flops * ref / 1e9 / peak32, 3))
-    for b in map(int, args.batches.split(",")):
-        rate = engine_rate(Smooth.from_checkpoint(loaded, batch_size=b), x, args.n)
-        emit(figure="engine", batch=b, samples_per_s=round(rate),
-             s_per_image_100k=round(1e5 / rate, 2), speedup=round(rate / ref, 2),
-             fraction_of_f32_peak=round(flops * rate / 1e9 / peak32, 3))
+    emit(figure="reference", precision="float32", samples_per_s=round(ref),
+         s_per_image_100k=round(1e5 / ref, 2), speedup=1.0,
+         fraction_of_peak=round(flops * ref / 1e9 / peak32, 3))
+    peaks = {"float32": peak32, "bfloat16": peak16}
+    for precision in args.precisions.split(","):
+        for b in map(int, args.batches.split(",")):
+            smooth = Smooth.from_checkpoint(loaded, batch_size=b, precision=precision)
+            rate = engine_rate(smooth, x, args.n)
+            emit(figure="engine", precision=precision, batch=b, samples_per_s=round(rate),
+                 s_per_image_100k=round(1e5 / rate, 2), speedup=round(rate / ref, 2),
+                 fraction_of_peak=round(flops * rate / 1e9 / peaks[precision], 3))
     print(f"\nmodel {loaded.card.id}: f2 = {flops / 1e6:.1f} MFLOP/sample; matmul peak "
           f"{peak32:.0f} GFLOP/s float32, {peak16:.0f} bfloat16")
-    print(f"{'run':<22}{'samples/s':>12}{'s/image @1e5':>14}{'x ref':>8}{'% f32 peak':>12}")
+    print(f"{'run':<30}{'samples/s':>12}{'s/image @1e5':>14}{'x ref':>8}{'% of peak':>11}")
     for r in rows[2:]:
         name = ("reference (batch 400)" if r["figure"] == "reference"
-                else f"engine batch {r['batch']}")
-        print(f"{name:<22}{r['samples_per_s']:>12}{r['s_per_image_100k']:>14}"
-              f"{r.get('speedup', 1.0):>8}{100 * r['fraction_of_f32_peak']:>11.1f}%")
+                else f"engine {r['precision']} batch {r['batch']}")
+        print(f"{name:<30}{r['samples_per_s']:>12}{r['s_per_image_100k']:>14}"
+              f"{r['speedup']:>8}{100 * r['fraction_of_peak']:>10.1f}%")
 
 
 if __name__ == "__main__":

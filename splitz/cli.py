@@ -118,6 +118,8 @@ def _sampling_args(p: argparse.ArgumentParser, n: int) -> None:
     p.add_argument("--batch", type=_positive_int, default=1000, help="samples per forward pass")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--device", default="cpu", help="cpu, cuda, cuda:1, ...")
+    p.add_argument("--precision", choices=("float32", "bfloat16"),
+                   help="f2's precision (default: the model card's)")
     p.add_argument("--json", action="store_true", help="one JSON object per image")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
 
@@ -132,7 +134,7 @@ def _positive_int(text: str) -> int:
 def _load(args) -> tuple[Smooth, checkpoint.LoadedModel, torch.Tensor]:
     loaded = checkpoint.load(args.model)
     x = torch.stack([load_image(p, loaded.model.input_shape) for p in args.images])
-    return Smooth.from_checkpoint(loaded, args.batch, args.device), loaded, x
+    return Smooth.from_checkpoint(loaded, args.batch, args.device, args.precision), loaded, x
 
 
 def _certify(args) -> int:

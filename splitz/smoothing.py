@@ -1,5 +1,6 @@
 """The Monte Carlo engine: sample noise at the split, count votes, certify and predict."""
 
+import copy
 import math
 import time
 from dataclasses import asdict, dataclass
@@ -48,6 +49,7 @@ class Certificate:
     time_s: float
     model_id: str | None = None
     model_sha256: str | None = None
+    precision: str = "float32"  # of f2 as computed: the certificate is for that classifier
     certified: bool | None = None  # whether the requested radius is certified, if one was asked
     query_radius: float | None = None
 
@@ -100,6 +102,9 @@ class RadiusAnswer:
         return asdict(self)
 
 
+PRECISIONS = {"float32": torch.float32, "bfloat16": torch.bfloat16}
+
+
 class Smooth:
     """The SPLITZ smoothed classifier g(x) = argmax_c P[f2(f1(x) + delta) = c], delta ~ N(0, s^2 I).
 
@@ -110,18 +115,27 @@ class Smooth:
     """
 
     def __init__(self, model: SplitModel, batch_size: int = 1000, device: str = "cpu",
-                 model_id: str | None = None, model_sha256: str | None = None):
+                 model_id: str | None = None, model_sha256: str | None = None,
+                 precision: str = "float32"):
         if batch_size < 1:
             raise InputError("batch size must be at least 1")
+        if precision not in PRECISIONS:
+            raise InputError(f"precision must be one of {', '.join(PRECISIONS)}")
         self.device = _device(device)
         self.model = model.to(self.device).eval()
         self.batch_size, self.model_id, self.model_sha256 = batch_size, model_id, model_sha256
         self.bound = F1Bound(model.f1, model.input_shape)
+        # Noise is drawn and added in float32; rounding to `precision` is then the first step
+        # of the base classifier, so the certificate is exact for f2 as computed.
+        self.precision, self.dtype = precision, PRECISIONS[precision]
+        self.f2 = model.f2 if self.dtype == torch.float32 else copy.deepcopy(model.f2).to(
+            self.dtype)
 
     @classmethod
-    def from_checkpoint(cls, loaded: LoadedModel, batch_size: int = 1000,
-                        device: str = "cpu") -> "Smooth":
-        return cls(loaded.model, batch_size, device, loaded.card.id, loaded.sha256)
+    def from_checkpoint(cls, loaded: LoadedModel, batch_size: int = 1000, device: str = "cpu",
+                        precision: str | None = None) -> "Smooth":
+        return cls(loaded.model, batch_size, device, loaded.card.id, loaded.sha256,
+                   precision or loaded.card.precision)
 
     def certify(self, x: Tensor, n0: int = 100, n: int = 100_000, alpha: float = 0.001,
                 seed: int = 0, radius: float | None = None,
@@ -161,7 +175,7 @@ class Smooth:
                 lipschitz=float(r.lipschitz[i]), gamma=float(r.gamma[i]),
                 lipschitz_global=self.bound.global_bound, float_slack=float(r.float_slack[i]),
                 seed=seed + i, time_s=elapsed,
-                model_id=self.model_id, model_sha256=self.model_sha256,
+                model_id=self.model_id, model_sha256=self.model_sha256, precision=self.precision,
                 certified=None if radius is None else (not abstain and rad >= radius),
                 query_radius=radius,
             ))
@@ -269,7 +283,7 @@ class Smooth:
             for i, m in chunks
         ])
         owner = torch.cat([torch.full((m,), i, device=self.device) for i, m in chunks])
-        pred = self.model.f2(noisy).argmax(dim=1)
+        pred = self.f2(noisy.to(self.dtype)).argmax(dim=1)
         k = counts.shape[1]
         counts.view(-1).add_(torch.bincount(owner * k + pred, minlength=counts.numel()))
 

@@ -155,3 +155,17 @@ def test_query_agrees_with_the_exact_radius_of_the_linear_toy(seed):
         outside = smooth.query(x[i:i + 1], radius=1.05 * r, n_max=8000, first=500, seed=seed)[0]
         assert not outside.certified  # never certified past the true radius
     assert sum(a.certified for a in at_zero) >= 6  # radius 0 = "does g predict?": mostly yes
+
+
+def test_bfloat16_f2_certifies_the_classifier_as_computed():
+    model = create_model("lenet", "mnist", "conv1", sigma=0.25)
+    with torch.no_grad():
+        model.f2[-1].bias[2] = 50.0
+    x = torch.rand(2, 1, 28, 28)
+    half = Smooth(model, batch_size=500, precision="bfloat16").certify(x, n0=50, n=1000)
+    full = Smooth(model, batch_size=500).certify(x, n0=50, n=1000)
+    assert [c.prediction for c in half] == [c.prediction for c in full] == [2, 2]
+    assert {c.precision for c in half} == {"bfloat16"} and full[0].precision == "float32"
+    assert model.f2[-1].weight.dtype == torch.float32  # the model itself is left as it was
+    with pytest.raises(InputError, match="precision"):
+        Smooth(model, precision="float8")
