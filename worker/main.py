@@ -40,13 +40,21 @@ def certify_job(spec: dict) -> dict:
     def canceled() -> bool:
         return bool(job.connection.exists(cancel_key(job.id)))
 
-    models = _models or ModelCache(Settings().model_dir)
     try:
-        return run_certify(JobSpec.model_validate(spec), models, progress, canceled)
+        return run_certify(JobSpec.model_validate(spec), _cache(), progress, canceled)
     except Canceled as e:
         return {"canceled": True, "error": str(e)}
     except SplitzError as e:
         return {"error": str(e)}
+
+
+def _cache() -> ModelCache:
+    """The process's models; created on first use when a plain `rq worker` runs our jobs."""
+    global _models
+    if _models is None:
+        settings = Settings()
+        _models = ModelCache(settings.model_dir, settings.batch_size, settings.device)
+    return _models
 
 
 class SplitzWorker(SimpleWorker):
@@ -87,9 +95,7 @@ def main(argv: list[str] | None = None) -> int:
     if not settings.redis_url:
         parser.error("SPLITZ_REDIS_URL is not set")
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
-    global _models
-    _models = ModelCache(settings.model_dir, settings.batch_size, settings.device)
-    ids = _models.warm(args.models)
+    ids = _cache().warm(args.models)
     redis = Redis.from_url(settings.redis_url)
     queues = [Queue(queue_name(i), connection=redis, serializer=JSONSerializer) for i in ids]
     SplitzWorker.heartbeat_s = settings.heartbeat_s
