@@ -70,12 +70,18 @@ def test_batch_of_50_reports_progress(make_stack):
     assert [x["seed"] for x in body["results"]] == list(range(50))
 
 
-def test_cancel_a_running_job(make_stack):
-    stack = make_stack()
+def started_job(stack: Stack, images: int) -> dict:
+    """A slow job (20,000 samples per image), returned once two images are done."""
     job = stack.http.post("/jobs", params={"model": TINY_RS, "n": 20_000},
-                          files=files(40)).json()
+                          files=files(images)).json()
     while stack.http.get(f"/jobs/{job['id']}").json()["progress"]["done"] < 2:
         time.sleep(0.05)
+    return job
+
+
+def test_cancel_a_running_job(make_stack):
+    stack = make_stack()
+    job = started_job(stack, 40)
     assert stack.http.delete(f"/jobs/{job['id']}").status_code == 202
     body = stack.wait_job(job["id"])
     assert body["status"] == "canceled" and body["progress"]["done"] < 40
@@ -83,10 +89,7 @@ def test_cancel_a_running_job(make_stack):
 
 def test_worker_killed_mid_job_is_retried_not_lost(make_stack):
     stack = make_stack()
-    job = stack.http.post("/jobs", params={"model": TINY_RS, "n": 20_000},
-                          files=files(12)).json()
-    while stack.http.get(f"/jobs/{job['id']}").json()["progress"]["done"] < 2:
-        time.sleep(0.05)
+    job = started_job(stack, 12)
     os.kill(stack.workers[0].pid, signal.SIGKILL)
     stack.workers.append(stack.add_worker())
     body = stack.wait_job(job["id"])
