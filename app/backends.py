@@ -18,7 +18,7 @@ from rq.job import Job, JobStatus
 from rq.registry import StartedJobRegistry
 from rq.serializers import JSONSerializer
 
-from worker.jobs import Canceled, JobSpec, ModelCache, run_certify
+from worker.jobs import JobSpec, ModelCache, run_job
 from worker.main import cancel_key, certify_job, queue_name
 
 from .settings import Settings
@@ -84,8 +84,6 @@ class EmbeddedBackend:
         return view.id
 
     def _run(self, view: JobView, spec: JobSpec) -> None:
-        from splitz.errors import SplitzError
-
         if view.id in self.canceled:
             view.status = "canceled"
             return
@@ -95,12 +93,8 @@ class EmbeddedBackend:
             view.done, view.total = done, total
 
         try:
-            finished_view(view, run_certify(spec, self.models, progress,
-                                            lambda: view.id in self.canceled))
-        except Canceled as e:
-            finished_view(view, {"canceled": True, "error": str(e)})
-        except SplitzError as e:
-            finished_view(view, {"error": str(e)})
+            finished_view(view, run_job(spec, self.models, progress,
+                                        lambda: view.id in self.canceled))
         except Exception as e:  # a bug: report it on the job rather than lose the job
             view.status, view.error = "failed", f"internal error: {type(e).__name__}"
             raise

@@ -146,8 +146,8 @@ class Smooth:
         prediction equals g(x) on the l2 ball of the returned radius around that image.
         """
         _check_sampling(n, alpha, n0)
-        if radius is not None and not (math.isfinite(radius) and radius >= 0):
-            raise InputError(f"radius must be a finite number >= 0, got {radius}")
+        if radius is not None:
+            _check_radius(radius)
         start = time.perf_counter()
         x = self._images(x)
         with torch.inference_mode():
@@ -192,8 +192,7 @@ class Smooth:
         Clopper-Pearson bound at alpha / K; it stops certified when the lower bound passes p*,
         and stops uncertified when the upper bound falls below p*."""
         _check_sampling(n_max, alpha, n0)
-        if not (math.isfinite(radius) and radius >= 0):
-            raise InputError(f"radius must be a finite number >= 0, got {radius}")
+        _check_radius(radius)
         looks = _schedule(first, growth, n_max)
         level = alpha / len(looks)
         x = self._images(x)
@@ -319,6 +318,11 @@ def _schedule(first: int, growth: int, n_max: int) -> list[int]:
     while looks[-1] < n_max:
         looks.append(min(looks[-1] * growth, n_max))
     return looks
+
+
+def _check_radius(radius: float) -> None:
+    if not (math.isfinite(radius) and radius >= 0):
+        raise InputError(f"radius must be a finite number >= 0, got {radius}")
 
 
 def _check_sampling(n: int, alpha: float, n0: int = 1) -> None:

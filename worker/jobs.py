@@ -13,7 +13,7 @@ from pathlib import Path
 from pydantic import BaseModel, Field
 
 from splitz import checkpoint
-from splitz.errors import InputError
+from splitz.errors import InputError, SplitzError
 from splitz.images import load_image
 from splitz.smoothing import Smooth
 
@@ -57,12 +57,11 @@ class ModelCache:
         return ids
 
 
-def decode_image(data: str, shape: tuple[int, int, int], name: str):
+def decode_base64(text: str, name: str) -> bytes:
     try:
-        raw = base64.b64decode(data, validate=True)
+        return base64.b64decode(text, validate=True)
     except (binascii.Error, ValueError):
         raise InputError(f"{name}: not valid base64") from None
-    return load_image(raw, shape, name)
 
 
 def run_certify(spec: JobSpec, models: ModelCache,
@@ -70,7 +69,7 @@ def run_certify(spec: JobSpec, models: ModelCache,
                 canceled: Callable[[], bool] = lambda: False) -> dict:
     smooth = models.get(spec.model_id)
     names = spec.names or [f"image-{i}" for i in range(len(spec.images))]
-    images = [decode_image(d, smooth.model.input_shape, nm)
+    images = [load_image(decode_base64(d, nm), smooth.model.input_shape, nm)
               for d, nm in zip(spec.images, names, strict=False)]
     start, results = time.perf_counter(), []
     progress(0, len(images))
@@ -87,3 +86,17 @@ def run_certify(spec: JobSpec, models: ModelCache,
         progress(i + 1, len(images))
     return {"model_id": spec.model_id, "results": results,
             "seconds": round(time.perf_counter() - start, 3)}
+
+
+def run_job(spec: JobSpec, models: ModelCache,
+            progress: Callable[[int, int], None] = lambda done, total: None,
+            canceled: Callable[[], bool] = lambda: False) -> dict:
+    """run_certify, with the errors a client caused and cancellation returned as results (so RQ
+    retries only jobs that crashed or whose worker died): {"results": ...}, {"error": ...} or
+    {"canceled": True, "error": ...}."""
+    try:
+        return run_certify(spec, models, progress, canceled)
+    except Canceled as e:
+        return {"canceled": True, "error": str(e)}
+    except SplitzError as e:
+        return {"error": str(e)}

@@ -12,7 +12,7 @@ from rq.worker import WorkerStatus
 
 from app.settings import Settings
 
-from .jobs import Canceled, JobSpec, ModelCache, run_certify
+from .jobs import JobSpec, ModelCache, run_job
 
 log = logging.getLogger("splitz.worker")
 _models: ModelCache | None = None  # one per process, filled at boot, kept warm
@@ -27,10 +27,7 @@ def cancel_key(job_id: str) -> str:
 
 
 def certify_job(spec: dict) -> dict:
-    """RQ entry point. Errors the client caused, and cancellation, are results, not failures:
-    RQ retries only jobs that crashed or whose worker died."""
-    from splitz.errors import SplitzError
-
+    """RQ entry point: JSON in, JSON out (see jobs.run_job)."""
     job = get_current_job()
 
     def progress(done: int, total: int) -> None:
@@ -40,12 +37,7 @@ def certify_job(spec: dict) -> dict:
     def canceled() -> bool:
         return bool(job.connection.exists(cancel_key(job.id)))
 
-    try:
-        return run_certify(JobSpec.model_validate(spec), _cache(), progress, canceled)
-    except Canceled as e:
-        return {"canceled": True, "error": str(e)}
-    except SplitzError as e:
-        return {"error": str(e)}
+    return run_job(JobSpec.model_validate(spec), _cache(), progress, canceled)
 
 
 def _cache() -> ModelCache:

@@ -14,9 +14,10 @@ from fastapi.responses import JSONResponse
 from pydantic import BaseModel, Field, ValidationError
 
 from splitz import checkpoint
+from splitz.data import spec
 from splitz.errors import InputError
 from splitz.images import load_image
-from worker.jobs import JobSpec
+from worker.jobs import JobSpec, decode_base64
 
 from ..backends import JobView
 from ..deps import BackendDep, SettingsDep
@@ -116,7 +117,8 @@ async def _read(request: Request, settings: Settings,
         if not isinstance(encoded, list) or not all(isinstance(e, str) for e in encoded):
             raise InputError("images must be base64 strings" if batch else "image is required")
         names = body.pop("names", None) or [f"image-{i}" for i in range(len(encoded))]
-        images = [(str(nm), _b64(e, str(nm))) for nm, e in zip(names, encoded, strict=False)]
+        images = [(str(nm), decode_base64(e, str(nm)))
+                  for nm, e in zip(names, encoded, strict=False)]
         fields |= body
     else:
         raise HTTPException(415, "send multipart/form-data or application/json")
@@ -146,8 +148,6 @@ def _check(params: Params, images: list[tuple[str, bytes]], settings: Settings,
         if n > settings.max_n:
             raise InputError(f"n={n} is over this server's cap of {settings.max_n}")
     card = checkpoint.read_card(checkpoint.resolve(settings.model_dir, params.model))
-    from splitz.data import spec
-
     shape = spec(card.dataset).input_shape
     for name, data in images:
         if len(data) > settings.max_image_bytes:
@@ -160,13 +160,6 @@ def _spec(params: Params, images: list[tuple[str, bytes]], settings: Settings) -
                    names=[nm for nm, _ in images], n=params.n or settings.default_n,
                    n0=params.n0, alpha=params.alpha, seed=params.seed, radius=params.radius,
                    early_stop=params.early_stop)
-
-
-def _b64(text: str, name: str) -> bytes:
-    try:
-        return base64.b64decode(text, validate=True)
-    except ValueError:
-        raise InputError(f"{name}: not valid base64") from None
 
 
 def _unzip(data: bytes, settings: Settings) -> list[tuple[str, bytes]]:
