@@ -22,6 +22,6 @@ class Settings(BaseSettings):
     job_timeout_s: int = 3600
     job_retries: int = 1  # re-runs of a job whose worker died
     result_ttl_s: int = 24 * 3600
-    batch_size: int = 1000  # noise samples per forward pass
+    batch_size: int | None = None  # noise samples per forward pass; unset: each card's
     device: str = "cpu"
     heartbeat_s: float = 5.0  # worker heartbeat while a job runs; a job is abandoned after 3x

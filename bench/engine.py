@@ -1,12 +1,13 @@
 """Certification throughput of the engine against (a) Cohen et al.'s CERTIFY followed literally
 and (b) this machine's matmul peak, all measured in one process run.
 
-    python bench/engine.py --model models/mnist-splitz-quick [--batches 100,1000,10000]
+    python bench/engine.py --model models/mnist-splitz-quick [--batches 100,1000,10000] [--record]
 
 Prints one JSON line per figure, then a table; "% of peak" compares with the matmul peak of the
 same precision. The reference pushes every sample through the
 whole network, one image at a time, batch 400, noise drawn on the CPU, counting in a Python loop
-(locuslab/smoothing `core.py`).
+(locuslab/smoothing `core.py`). --record writes the fastest batch size at the card's precision
+into the model card, where the engine, evaluation and workers take it from.
 """
 
 import argparse
@@ -16,19 +17,29 @@ import time
 import torch
 from torch.utils.flop_counter import FlopCounterMode
 
-from splitz import Smooth, load_model
+from splitz import Smooth, checkpoint, load_model
 
 
-def matmul_peak(dtype: torch.dtype, size: int = 2048, seconds: float = 2.0) -> float:
-    """Best sustained GFLOP/s of a square matmul in `dtype`."""
-    a, b = torch.randn(size, size, dtype=dtype), torch.randn(size, size, dtype=dtype)
+def matmul_peak(dtype: torch.dtype, device: str, size: int = 2048, seconds: float = 2.0,
+                repeat: int = 1) -> float:
+    """Best sustained GFLOP/s of square matmuls in `dtype` (`repeat` per timing, for GPUs)."""
+    a = torch.randn(size, size, dtype=dtype, device=device)
+    b = torch.randn(size, size, dtype=dtype, device=device)
     a @ b  # warm up
     best, end = 0.0, time.perf_counter() + seconds
     while time.perf_counter() < end:
+        _sync(device)
         t = time.perf_counter()
-        a @ b
-        best = max(best, 2 * size**3 / (time.perf_counter() - t) / 1e9)
+        for _ in range(repeat):
+            a @ b
+        _sync(device)
+        best = max(best, repeat * 2 * size**3 / (time.perf_counter() - t) / 1e9)
     return best
+
+
+def _sync(device: str) -> None:
+    if device.startswith("cuda"):
+        torch.cuda.synchronize()
 
 
 def f2_flops(smooth: Smooth) -> float:
@@ -42,11 +53,11 @@ def f2_flops(smooth: Smooth) -> float:
 def engine_rate(smooth: Smooth, x: torch.Tensor, n: int) -> float:
     """Noise samples per second through the engine's sampler (f1 once, f2 in batches)."""
     z = smooth._features(x[None])
-    gens = [torch.Generator().manual_seed(0)]
+    gens = smooth._generators([0])
     with torch.inference_mode():
         smooth.sample_counts(z, min(n, smooth.batch_size), gens)  # warm up
         t = time.perf_counter()
-        smooth.sample_counts(z, n, gens)
+        smooth.sample_counts(z, n, gens)  # ends with .cpu(): synchronized
     return n / (time.perf_counter() - t)
 
 
@@ -55,6 +66,7 @@ def reference_rate(smooth: Smooth, x: torch.Tensor, n: int, batch: int = 400) ->
     counting loop."""
     model, sigma = smooth.model, smooth.model.sigma
     counts = [0] * model.num_classes
+    x = x.to(smooth.device)
     t = time.perf_counter()
     with torch.no_grad():
         remaining = n
@@ -62,7 +74,8 @@ def reference_rate(smooth: Smooth, x: torch.Tensor, n: int, batch: int = 400) ->
             this = min(batch, remaining)
             remaining -= this
             z = model.f1(x[None].repeat(this, 1, 1, 1))  # f1 again for every copy
-            preds = model.f2(z + torch.randn(z.shape) * sigma).argmax(1)
+            noise = torch.randn(z.shape).to(smooth.device)
+            preds = model.f2(z + noise * sigma).argmax(1)
             for p in preds.cpu().numpy():
                 counts[p] += 1
     return n / (time.perf_counter() - t)
@@ -71,9 +84,11 @@ def reference_rate(smooth: Smooth, x: torch.Tensor, n: int, batch: int = 400) ->
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__)
     p.add_argument("--model", required=True)
-    p.add_argument("--batches", default="100,1000,10000")
+    p.add_argument("--batches", default="50,100,200,500,1000,10000")
     p.add_argument("--precisions", default="float32,bfloat16")
     p.add_argument("--n", type=int, default=20_000, help="samples per measurement")
+    p.add_argument("--device", default="cpu")
+    p.add_argument("--record", action="store_true", help="store the fastest batch in the card")
     args = p.parse_args()
     loaded = load_model(args.model)
     x = torch.rand(*loaded.model.input_shape)
@@ -83,18 +98,23 @@ def main() -> None:
         rows.append(fields)
         print(json.dumps(fields), flush=True)
 
-    peak32, peak16 = matmul_peak(torch.float32), matmul_peak(torch.bfloat16)
-    emit(figure="matmul_peak_gflops", float32=round(peak32, 1), bfloat16=round(peak16, 1))
+    gpu = args.device.startswith("cuda")
+    repeat, size = (20, 8192) if gpu else (1, 2048)
+    peak32, peak16 = (matmul_peak(d, args.device, size, repeat=repeat)
+                      for d in (torch.float32, torch.bfloat16))
+    emit(figure="matmul_peak_gflops", device=_name(args.device), float32=round(peak32, 1),
+         bfloat16=round(peak16, 1))
     flops = f2_flops(Smooth.from_checkpoint(loaded))
     emit(figure="f2_flops_per_sample", value=flops)
-    ref = reference_rate(Smooth.from_checkpoint(loaded), x, min(args.n, 4000))
+    ref = reference_rate(Smooth.from_checkpoint(loaded, device=args.device), x,
+                         args.n if gpu else min(args.n, 4000))
     emit(figure="reference", precision="float32", samples_per_s=round(ref),
          s_per_image_100k=round(1e5 / ref, 2), speedup=1.0,
          fraction_of_peak=round(flops * ref / 1e9 / peak32, 3))
     peaks = {"float32": peak32, "bfloat16": peak16}
     for precision in args.precisions.split(","):
         for b in map(int, args.batches.split(",")):
-            smooth = Smooth.from_checkpoint(loaded, batch_size=b, precision=precision)
+            smooth = Smooth.from_checkpoint(loaded, b, args.device, precision)
             rate = engine_rate(smooth, x, args.n)
             emit(figure="engine", precision=precision, batch=b, samples_per_s=round(rate),
                  s_per_image_100k=round(1e5 / rate, 2), speedup=round(rate / ref, 2),
@@ -107,6 +127,15 @@ def main() -> None:
                 else f"engine {r['precision']} batch {r['batch']}")
         print(f"{name:<30}{r['samples_per_s']:>12}{r['s_per_image_100k']:>14}"
               f"{r['speedup']:>8}{100 * r['fraction_of_peak']:>10.1f}%")
+    if args.record:
+        own = [r for r in rows if r.get("precision") == loaded.card.precision and "batch" in r]
+        loaded.card.batch_size = max(own, key=lambda r: r["samples_per_s"])["batch"]
+        checkpoint.write_card(loaded.card, args.model)
+        print(f"recorded batch_size={loaded.card.batch_size} in {args.model}/card.json")
+
+
+def _name(device: str) -> str:
+    return torch.cuda.get_device_name(device) if device.startswith("cuda") else "cpu"
 
 
 if __name__ == "__main__":

@@ -32,6 +32,7 @@ class ModelCard(BaseModel):
     sigma: float = Field(gt=0)
     bound_method: str = "local: eigvalsh of the masked Gram A^T M A (float64, +1e-6 rel.)"
     precision: str = "float32"
+    batch_size: int = Field(1000, ge=1)  # samples per forward pass (bench/engine.py --record)
     description: str = ""
     training: dict[str, Any] = Field(default_factory=dict)  # command, config, time, hardware
     metrics: dict[str, Any] = Field(default_factory=dict)  # clean / certified accuracy tables

@@ -9,7 +9,7 @@ from pathlib import Path
 
 import torch
 
-from . import checkpoint, evaluate
+from . import checkpoint, data, evaluate
 from .errors import SplitzError
 from .images import load_image
 from .lipschitz import layer_profile
@@ -63,10 +63,13 @@ def _parser() -> argparse.ArgumentParser:
     ev.add_argument("--n", type=_positive_int, default=100_000)
     ev.add_argument("--n0", type=_positive_int, default=100)
     ev.add_argument("--alpha", type=float, default=0.001)
-    ev.add_argument("--batch", type=_positive_int, default=1000)
+    ev.add_argument("--batch", type=_positive_int, help="default: the model card's")
     ev.add_argument("--seed", type=int, default=0)
     ev.add_argument("--device", default="cpu")
     ev.add_argument("--data-root", type=Path)
+    ev.add_argument("--data", choices=sorted(data.SPECS.keys() | data.VARIANTS.keys()),
+                    help="test set (default: the card's data set; cifar10-exact1000 and "
+                         "cifar10-jpeg1000 are the first 1000 CIFAR-10 test images, exact / JPEG)")
     ev.add_argument("--record", action="store_true",
                     help="write the summary into the model card's metrics")
     ev.set_defaults(run=_evaluate)
@@ -115,7 +118,8 @@ def _sampling_args(p: argparse.ArgumentParser, n: int) -> None:
     p.add_argument("--model", type=Path, required=True, help="model directory (weights + card)")
     p.add_argument("--n", type=_positive_int, default=n, help=f"noise samples ({n:,})")
     p.add_argument("--alpha", type=float, default=0.001, help="failure probability (0.001)")
-    p.add_argument("--batch", type=_positive_int, default=1000, help="samples per forward pass")
+    p.add_argument("--batch", type=_positive_int,
+                   help="samples per forward pass (default: the model card's)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--device", default="cpu", help="cpu, cuda, cuda:1, ...")
     p.add_argument("--precision", choices=("float32", "bfloat16"),
@@ -210,14 +214,16 @@ def _lipschitz(args) -> int:
 
 def _evaluate(args) -> int:
     loaded = checkpoint.load(args.model)
-    every = args.every or {"cifar10": 20, "mnist": 10}.get(loaded.card.dataset, 1)
+    dataset = args.data or loaded.card.dataset
+    every = args.every or {"cifar10": 20, "mnist": 10}.get(dataset, 1)
     summary = evaluate.evaluate(loaded, args.out, every, args.limit, args.n0, args.n, args.alpha,
-                                args.batch, args.seed, args.data_root, args.device)
+                                args.batch, args.seed, args.data_root, args.device, dataset)
     print(evaluate.markdown_table({loaded.card.id: summary}))
     if args.record:
         loaded.card.metrics[args.out.stem] = {
-            "tsv": args.out.name, "every": every, "images": summary.images, "n0": args.n0,
-            "n": args.n, "alpha": args.alpha, "seed": args.seed, "batch": args.batch,
+            "tsv": args.out.name, "data": dataset, "every": every, "images": summary.images,
+            "n0": args.n0, "n": args.n, "alpha": args.alpha, "seed": args.seed,
+            "batch": args.batch or loaded.card.batch_size,
             "certified_accuracy": {str(r): a for r, a in summary.certified_accuracy.items()},
             "average_certified_radius": summary.average_certified_radius,
             "command": shlex.join(["splitz", *sys.argv[1:]]) if sys.argv[1:] else "evaluate",

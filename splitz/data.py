@@ -9,7 +9,9 @@ import tarfile
 from dataclasses import dataclass
 from pathlib import Path
 
-from torch.utils.data import Dataset
+import numpy as np
+import torch
+from torch.utils.data import Dataset, Subset, TensorDataset
 from torchvision import datasets, transforms
 
 
@@ -40,6 +42,12 @@ SPECS = {
 }
 
 
+# Test sets of 1000 images that stand in for a data set's (same spec): CIFAR-10's first 1000 test
+# images with their exact pixels, and the same images taken from the offline JPEG copy.
+VARIANTS = {"cifar10-exact1000": "cifar10", "cifar10-jpeg1000": "cifar10"}
+EXACT_SUBSET = "cifar10-exact-subset.npz"
+
+
 def spec(name: str) -> DatasetSpec:
     if name not in SPECS:
         raise ValueError(f"unknown data set {name!r}; known: {', '.join(SPECS)}")
@@ -58,7 +66,9 @@ def load(name: str, train: bool, root: Path | None = None, augment: bool = False
                               transform=transforms.ToTensor())
     if name == "cifar10":
         return _cifar10(root, train, augment)
-    raise ValueError(f"unknown data set {name!r}")
+    if name in VARIANTS and not train:
+        return _cifar10_first1000(root, exact=name == "cifar10-exact1000")
+    raise ValueError(f"unknown data set {name!r}" + (" (a test set only)" * (name in VARIANTS)))
 
 
 def _has_mnist(root: Path) -> bool:
@@ -76,6 +86,28 @@ def _cifar10(root: Path, train: bool, augment: bool) -> Dataset:
         split = next(folder.rglob("train" if train else "test"))
         return datasets.ImageFolder(split, transform=transforms.Compose(tf))
     return datasets.CIFAR10(root, train=train, download=True, transform=transforms.Compose(tf))
+
+
+def _cifar10_first1000(root: Path, exact: bool) -> Dataset:
+    """The first 1000 CIFAR-10 test images in their original order (labels from the exact subset).
+
+    The JPEG copy names the k-th test image of a class `<class>/<k:04d>.jpg` (k from 0)."""
+    path = root / EXACT_SUBSET
+    if not path.exists():
+        raise FileNotFoundError(f"{path} is missing (see shared/data/README.md)")
+    with np.load(path) as npz:
+        pixels, labels = npz["x_test_first1000"], npz["y_test_first1000"].astype(np.int64)
+    if exact:
+        x = torch.from_numpy(pixels).permute(0, 3, 1, 2).float() / 255
+        return TensorDataset(x, torch.from_numpy(labels))
+    folder = _cifar10(root, train=False, augment=False)
+    index = {(label, Path(path).stem): i for i, (path, label) in enumerate(folder.samples)}
+    seen = np.zeros(10, dtype=np.int64)
+    twins = []
+    for y in labels:
+        twins.append(index[(int(y), f"{seen[y]:04d}")])
+        seen[y] += 1
+    return Subset(folder, twins)
 
 
 def cache_dir() -> Path:

@@ -9,6 +9,7 @@ from tqdm import tqdm
 
 from . import data
 from .checkpoint import LoadedModel
+from .errors import InputError
 from .smoothing import Smooth
 
 COLUMNS = ["idx", "label", "predict", "radius", "correct", "time", "L", "pA_lower"]
@@ -23,10 +24,15 @@ class Summary:
 
 
 def evaluate(loaded: LoadedModel, out: Path, every: int, limit: int | None = None,
-             n0: int = 100, n: int = 100_000, alpha: float = 0.001, batch_size: int = 1000,
-             seed: int = 0, data_root: Path | None = None, device: str = "cpu") -> Summary:
-    """Certify test images 0, every, 2*every, ...; resumes an interrupted TSV where it stopped."""
-    test = data.load(loaded.card.dataset, train=False, root=data_root)
+             n0: int = 100, n: int = 100_000, alpha: float = 0.001, batch_size: int | None = None,
+             seed: int = 0, data_root: Path | None = None, device: str = "cpu",
+             dataset: str | None = None) -> Summary:
+    """Certify test images 0, every, 2*every, ... of `dataset` (default: the card's); resumes an
+    interrupted TSV where it stopped."""
+    dataset = dataset or loaded.card.dataset
+    if data.VARIANTS.get(dataset, dataset) != loaded.card.dataset:
+        raise InputError(f"model {loaded.card.id} is for {loaded.card.dataset}, not {dataset}")
+    test = data.load(dataset, train=False, root=data_root)
     indices = list(range(0, len(test), every))[:limit]
     done = {int(r["idx"]) for r in read_tsv(out)} if out.exists() else set()
     smooth = Smooth.from_checkpoint(loaded, batch_size, device)

@@ -30,7 +30,9 @@ def load_image(source: str | Path | bytes, shape: tuple[int, int, int],
                 raise InputError(f"{name}: image too large ({img.width}x{img.height})")
             img.load()
             pixels, mode, size = np.asarray(img), img.mode, img.size
-    except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as e:
+    except UnidentifiedImageError:
+        raise InputError(f"{name}: not a readable PNG/JPEG image") from None
+    except (OSError, SyntaxError, ValueError) as e:
         raise InputError(f"{name}: not a readable PNG/JPEG image ({e})") from None
     c, h, w = shape
     if size != (w, h):

@@ -3,6 +3,7 @@
 import copy
 import math
 import time
+from collections.abc import Sequence
 from dataclasses import asdict, dataclass
 
 import torch
@@ -46,6 +47,7 @@ class Certificate:
     lipschitz_global: float
     float_slack: float  # taken off radius_feature for float rounding of f1 (see lipschitz.py)
     seed: int
+    batch_size: int  # with the seed, reproduces the noise draws
     time_s: float
     model_id: str | None = None
     model_sha256: str | None = None
@@ -110,8 +112,8 @@ class Smooth:
 
     f1 runs once per image; the noise and f2 run in batches of `batch_size` samples, packing
     several images into one forward pass when their chunks are small. Image i of a call uses
-    the seed `seed + i`, so a certificate is reproduced by its own seed, alone, with the same
-    batch size.
+    the seed `seed + i` (or seed[i] when `certify` gets a list), so a certificate is reproduced
+    by its own seed, alone, with the same batch size.
     """
 
     def __init__(self, model: SplitModel, batch_size: int = 1000, device: str = "cpu",
@@ -132,13 +134,14 @@ class Smooth:
             self.dtype)
 
     @classmethod
-    def from_checkpoint(cls, loaded: LoadedModel, batch_size: int = 1000, device: str = "cpu",
-                        precision: str | None = None) -> "Smooth":
-        return cls(loaded.model, batch_size, device, loaded.card.id, loaded.sha256,
-                   precision or loaded.card.precision)
+    def from_checkpoint(cls, loaded: LoadedModel, batch_size: int | None = None,
+                        device: str = "cpu", precision: str | None = None) -> "Smooth":
+        """The card's tuned batch size and precision unless others are asked for."""
+        return cls(loaded.model, batch_size or loaded.card.batch_size, device, loaded.card.id,
+                   loaded.sha256, precision or loaded.card.precision)
 
     def certify(self, x: Tensor, n0: int = 100, n: int = 100_000, alpha: float = 0.001,
-                seed: int = 0, radius: float | None = None,
+                seed: int | Sequence[int] = 0, radius: float | None = None,
                 progress: bool = False) -> list[Certificate]:
         """Cohen et al.'s CERTIFY at the split, then Theorem 1 for the input-space radius.
 
@@ -150,9 +153,10 @@ class Smooth:
             _check_radius(radius)
         start = time.perf_counter()
         x = self._images(x)
+        seeds = _seeds(len(x), seed)
         with torch.inference_mode():
             z = self._features(x)
-            gens = self._generators(len(x), seed)
+            gens = self._generators(seeds)
             bar = tqdm(total=(n0 + n) * len(x), unit="sample", unit_scale=True,
                        disable=not progress, desc="certify")
             top = self.sample_counts(z, n0, gens, bar).argmax(dim=1)
@@ -174,7 +178,7 @@ class Smooth:
                 n_a=int(n_a[i]), n=n, n0=n0, alpha=alpha, sigma=self.model.sigma,
                 lipschitz=float(r.lipschitz[i]), gamma=float(r.gamma[i]),
                 lipschitz_global=self.bound.global_bound, float_slack=float(r.float_slack[i]),
-                seed=seed + i, time_s=elapsed,
+                seed=seeds[i], batch_size=self.batch_size, time_s=elapsed,
                 model_id=self.model_id, model_sha256=self.model_sha256, precision=self.precision,
                 certified=None if radius is None else (not abstain and rad >= radius),
                 query_radius=radius,
@@ -202,7 +206,7 @@ class Smooth:
         answers = []
         with torch.inference_mode():
             z = self._features(x)
-            gens = self._generators(len(x), seed)
+            gens = self._generators(_seeds(len(x), seed))
             tops = self.sample_counts(z, n0, gens).argmax(dim=1)
             for i in range(len(x)):
                 p_star = float(norm.cdf((radius * lips[i] + slack[i]) / self.model.sigma))
@@ -235,7 +239,7 @@ class Smooth:
         x = self._images(x)
         with torch.inference_mode():
             z = self._features(x)
-            counts = self.sample_counts(z, n, self._generators(len(x), seed))
+            counts = self.sample_counts(z, n, self._generators(_seeds(len(x), seed)))
         top2 = counts.topk(2, dim=1)
         out = []
         for i in range(len(x)):
@@ -286,8 +290,8 @@ class Smooth:
         k = counts.shape[1]
         counts.view(-1).add_(torch.bincount(owner * k + pred, minlength=counts.numel()))
 
-    def _generators(self, count: int, seed: int) -> list[torch.Generator]:
-        return [torch.Generator(self.device).manual_seed(seed + i) for i in range(count)]
+    def _generators(self, seeds: list[int]) -> list[torch.Generator]:
+        return [torch.Generator(self.device).manual_seed(s) for s in seeds]
 
     def _images(self, x: Tensor) -> Tensor:
         if x.dim() == len(self.model.input_shape):
@@ -318,6 +322,15 @@ def _schedule(first: int, growth: int, n_max: int) -> list[int]:
     while looks[-1] < n_max:
         looks.append(min(looks[-1] * growth, n_max))
     return looks
+
+
+def _seeds(count: int, seed: int | Sequence[int]) -> list[int]:
+    """Image i's seed: seed + i, or seed[i] when given one per image."""
+    if isinstance(seed, int):
+        return [seed + i for i in range(count)]
+    if len(seed) != count:
+        raise InputError(f"{len(seed)} seeds for {count} images")
+    return [int(s) for s in seed]
 
 
 def _check_radius(radius: float) -> None:

@@ -10,6 +10,7 @@ import time
 from collections.abc import Callable
 from pathlib import Path
 
+import torch
 from pydantic import BaseModel, Field
 
 from splitz import checkpoint
@@ -37,7 +38,7 @@ class Canceled(Exception):
 class ModelCache:
     """Checkpoints loaded once per process and kept warm (one Smooth per model id)."""
 
-    def __init__(self, model_dir: Path, batch_size: int = 1000, device: str = "cpu"):
+    def __init__(self, model_dir: Path, batch_size: int | None = None, device: str = "cpu"):
         self.model_dir, self.batch_size, self.device = Path(model_dir), batch_size, device
         self._models: dict[str, Smooth] = {}
         self._lock = threading.Lock()
@@ -68,12 +69,10 @@ def run_certify(spec: JobSpec, models: ModelCache,
                 progress: Callable[[int, int], None] = lambda done, total: None,
                 canceled: Callable[[], bool] = lambda: False) -> dict:
     smooth = models.get(spec.model_id)
-    names = spec.names or [f"image-{i}" for i in range(len(spec.images))]
-    images = [load_image(decode_base64(d, nm), smooth.model.input_shape, nm)
-              for d, nm in zip(spec.images, names, strict=False)]
+    images = _decode(spec, smooth)
     start, results = time.perf_counter(), []
     progress(0, len(images))
-    for i, (x, name) in enumerate(zip(images, names, strict=False)):
+    for i, (x, name) in enumerate(images):
         if canceled():
             raise Canceled(f"canceled after {i} of {len(images)} images")
         if spec.early_stop and spec.radius is not None:
@@ -84,7 +83,53 @@ def run_certify(spec: JobSpec, models: ModelCache,
                                     seed=spec.seed + i, radius=spec.radius)[0]
         results.append({"name": name} | answer.to_dict())
         progress(i + 1, len(images))
-    return {"model_id": spec.model_id, "results": results,
+    return _result(spec, results, start)
+
+
+def batch_key(spec: JobSpec) -> tuple | None:
+    """Jobs with the same key can be certified together in one engine pass (run_batch)."""
+    if spec.early_stop and spec.radius is not None:
+        return None
+    return spec.model_id, spec.n, spec.n0, spec.alpha, spec.radius
+
+
+def run_batch(specs: list[JobSpec], models: ModelCache) -> list[dict]:
+    """Certify the images of several jobs with one batch_key in one `certify` call, so small
+    jobs share forward passes and the Lipschitz search. Each job's results equal run_job's:
+    the engine draws image i's noise from its own seed, whatever shares the pass."""
+    first = specs[0]
+    smooth = models.get(first.model_id)
+    start, decoded = time.perf_counter(), []
+    for spec in specs:
+        try:
+            decoded.append(_decode(spec, smooth))
+        except SplitzError as e:
+            decoded.append(e)
+    good = [(spec, imgs) for spec, imgs in zip(specs, decoded, strict=True)
+            if not isinstance(imgs, SplitzError)]
+    x = [img for _, imgs in good for img, _ in imgs]
+    seeds = [spec.seed + i for spec, imgs in good for i in range(len(imgs))]
+    certs = iter(smooth.certify(torch.stack(x), n0=first.n0, n=first.n, alpha=first.alpha,
+                                seed=seeds, radius=first.radius) if x else [])
+    out = []
+    for spec, imgs in zip(specs, decoded, strict=True):
+        if isinstance(imgs, SplitzError):
+            out.append({"error": str(imgs)})
+        else:
+            out.append(_result(spec, [{"name": nm} | next(certs).to_dict() for _, nm in imgs],
+                               start, len(good)))
+    return out
+
+
+def _decode(spec: JobSpec, smooth: Smooth) -> list[tuple[torch.Tensor, str]]:
+    names = spec.names or [f"image-{i}" for i in range(len(spec.images))]
+    return [(load_image(decode_base64(d, nm), smooth.model.input_shape, nm), nm)
+            for d, nm in zip(spec.images, names, strict=False)]
+
+
+def _result(spec: JobSpec, results: list[dict], start: float, batched: int = 1) -> dict:
+    """A job's outcome; `batched` jobs shared its engine pass (seconds is the pass's)."""
+    return {"model_id": spec.model_id, "results": results, "batched": batched,
             "seconds": round(time.perf_counter() - start, 3)}
 
 

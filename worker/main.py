@@ -1,5 +1,11 @@
 """The RQ worker process: boot (load and warm every model), then work. Non-forking, so a CUDA
-context survives between jobs; run one process per GPU and scale with more processes."""
+context survives between jobs; run one process per GPU and scale with more processes.
+
+Batching: before running a small job, the worker looks at the jobs queued behind it and
+certifies the compatible small ones together with it in one engine pass (jobs.run_batch); their
+results wait in this process until RQ hands those jobs over, when they return at once. The jobs
+stay on the queue meanwhile, so nothing can be lost: another worker that takes one just computes
+the same result again."""
 
 import argparse
 import logging
@@ -12,10 +18,14 @@ from rq.worker import WorkerStatus
 
 from app.settings import Settings
 
-from .jobs import JobSpec, ModelCache, run_job
+from .jobs import JobSpec, ModelCache, batch_key, run_batch, run_job
 
 log = logging.getLogger("splitz.worker")
 _models: ModelCache | None = None  # one per process, filled at boot, kept warm
+_ahead: dict[str, dict] = {}  # job id -> result computed in a batch, until the job runs
+SMALL_JOB_IMAGES = 8  # jobs with at most this many images are batched
+BATCH_IMAGES = 32  # at most this many images in one batched pass
+LOOKAHEAD = 64  # queued jobs inspected for a batch
 
 
 def queue_name(model_id: str) -> str:
@@ -37,7 +47,35 @@ def certify_job(spec: dict) -> dict:
     def canceled() -> bool:
         return bool(job.connection.exists(cancel_key(job.id)))
 
-    return run_job(JobSpec.model_validate(spec), _cache(), progress, canceled)
+    spec = JobSpec.model_validate(spec)
+    if job.id in _ahead and not canceled():
+        progress(len(spec.images), len(spec.images))
+        return _ahead.pop(job.id)
+    return run_job(spec, _cache(), progress, canceled)
+
+
+def batch_ahead(job, queue: Queue) -> list[str]:
+    """Certify a small `job` with compatible small jobs queued behind it; keep their results
+    (in _ahead) for when they run. Returns the ids batched (none when there is no peer)."""
+    _ahead.clear()  # results of peers another worker took: never asked for now
+    spec = JobSpec.model_validate(job.args[0])
+    key = batch_key(spec)
+    if key is None or len(spec.images) > SMALL_JOB_IMAGES:
+        return []
+    batch, images = [(job.id, spec)], len(spec.images)
+    for peer in queue.get_jobs(0, LOOKAHEAD):
+        if peer is None or peer.id == job.id or peer.func_name != job.func_name:
+            continue
+        other = JobSpec.model_validate(peer.args[0])
+        if (batch_key(other) == key and len(other.images) <= SMALL_JOB_IMAGES
+                and images + len(other.images) <= BATCH_IMAGES):
+            batch.append((peer.id, other))
+            images += len(other.images)
+    if len(batch) < 2:
+        return []
+    results = run_batch([s for _, s in batch], _cache())
+    _ahead.update((job_id, r) for (job_id, _), r in zip(batch, results, strict=True))
+    return [job_id for job_id, _ in batch]
 
 
 def _cache() -> ModelCache:
@@ -59,11 +97,16 @@ class SplitzWorker(SimpleWorker):
         return int(3 * self.heartbeat_s) + 1
 
     def execute_job(self, job, queue):
-        execution = self.prepare_execution(job)
+        execution = self.prepare_execution(job)  # started and heartbeating before any work
         stop = threading.Event()
         beat = threading.Thread(target=self._beat, args=(job, execution, stop), daemon=True)
         beat.start()
         try:
+            if job.id not in _ahead:
+                try:
+                    batch_ahead(job, queue)
+                except Exception:  # batching only saves time: the job still runs on its own
+                    log.warning("batching around job %s failed", job.id, exc_info=True)
             self.perform_job(job, queue, execution)
         finally:
             stop.set()

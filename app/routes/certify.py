@@ -205,4 +205,5 @@ def _accepted(request: Request, view: JobView) -> JSONResponse:
 def _describe(request: Request, view: JobView) -> dict[str, Any]:
     return {"id": view.id, "status": view.status, "model_id": view.model_id,
             "progress": {"done": view.done, "total": view.total},
-            "results": view.result["results"] if view.result else None, "error": view.error}
+            "results": view.result["results"] if view.result else None, "error": view.error,
+            "batched": view.result.get("batched") if view.result else None}

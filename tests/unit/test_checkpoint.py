@@ -5,7 +5,7 @@ import json
 import pytest
 import torch
 
-from splitz import checkpoint
+from splitz import Smooth, checkpoint
 from splitz.errors import CheckpointError, UnknownModelError
 from splitz.nets import create_model
 
@@ -80,3 +80,16 @@ def test_model_ids_cannot_escape_the_repository(saved, bad_id):
         checkpoint.resolve(path.parent, bad_id)
     assert checkpoint.resolve(path.parent, "m1") == path
     assert [c.id for c in checkpoint.list_cards(path.parent)] == ["m1"]
+
+
+def test_the_cards_batch_size_is_the_engines_default(tmp_path):
+    model = create_model("lenet", "mnist", "conv1", 0.5, width=4)
+    tuned_card = card(batch_size=37, arch_kwargs={"width": 4})
+    loaded = checkpoint.load(checkpoint.save(model, tuned_card, tmp_path / "m1"))
+    tuned = Smooth.from_checkpoint(loaded)
+    assert tuned.batch_size == 37
+    assert Smooth.from_checkpoint(loaded, batch_size=50).batch_size == 50
+    cert = tuned.certify(torch.rand(1, 28, 28), n0=10, n=100)[0]
+    assert cert.batch_size == 37  # recorded: with the seed it reproduces the draws
+    with pytest.raises(ValueError):
+        card(batch_size=0)

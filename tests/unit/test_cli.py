@@ -96,6 +96,8 @@ def test_evaluate_writes_tsv_table_and_plot_and_resumes(model_dir, fake_mnist, t
     png = tmp_path / "plot.png"
     assert main(["plot", str(tsv), "--out", str(png)]) == 0
     assert png.read_bytes()[:4] == b"\x89PNG"
+    assert main([*args[:4], str(tmp_path / "c.tsv"), "--data", "cifar10-exact1000"]) == 2
+    assert "is for mnist, not cifar10-exact1000" in capsys.readouterr().err
 
 
 def test_query_answers_with_fewer_samples(model_dir, digit, capsys):

@@ -15,24 +15,52 @@ def test_mnist_loads_from_a_data_root(fake_mnist):
     assert x.shape == (1, 28, 28) and x.min() >= 0 and x.max() <= 1 and 0 <= y < 10
 
 
-def test_cifar10_jpeg_copy_is_extracted_once_with_standard_labels(tmp_path, monkeypatch):
-    root, cache = tmp_path / "data", tmp_path / "cache"
+def fake_cifar10(root, per_class: int = 1):
+    """A JPEG archive laid out like the offline copy; image k of class c is filled with 20c + k."""
     root.mkdir()
-    monkeypatch.setenv("SPLITZ_CACHE", str(cache))
     with tarfile.open(root / "cifar10-jpeg.tar.xz", "w:xz") as tar:
         for split in ("train", "test"):
-            for name in reversed(data.spec("cifar10").classes):  # archive order must not matter
-                buf = io.BytesIO()
-                Image.fromarray(np.full((32, 32, 3), 7, np.uint8)).save(buf, "JPEG")
-                info = tarfile.TarInfo(f"{split}/{name}/0000.jpg")
-                info.size = len(buf.getvalue())
-                tar.addfile(info, io.BytesIO(buf.getvalue()))
+            for c, name in reversed(list(enumerate(data.spec("cifar10").classes))):
+                for k in range(per_class):  # archive order must not matter
+                    buf = io.BytesIO()
+                    Image.fromarray(np.full((32, 32, 3), 20 * c + k, np.uint8)).save(buf, "JPEG")
+                    info = tarfile.TarInfo(f"{split}/{name}/{k:04d}.jpg")
+                    info.size = len(buf.getvalue())
+                    tar.addfile(info, io.BytesIO(buf.getvalue()))
+
+
+def test_cifar10_jpeg_copy_is_extracted_once_with_standard_labels(tmp_path, monkeypatch):
+    root, cache = tmp_path / "data", tmp_path / "cache"
+    monkeypatch.setenv("SPLITZ_CACHE", str(cache))
+    fake_cifar10(root)
     test = data.load("cifar10", False, root)
     assert test.classes == list(data.spec("cifar10").classes)
     x, y = test[3]
     assert x.shape == (3, 32, 32) and y == 3
     assert (cache / "cifar10-jpeg" / ".extracted").exists()
     assert len(data.load("cifar10", True, root, augment=True)) == 10
+
+
+def test_first_1000_cifar10_test_images_exact_and_their_jpeg_twins(tmp_path, monkeypatch):
+    root = tmp_path / "data"
+    monkeypatch.setenv("SPLITZ_CACHE", str(tmp_path / "cache"))
+    fake_cifar10(root, per_class=3)
+    labels = np.array([3, 3, 0, 9, 3], np.int64)  # original order: the 2nd "3" is cat/0001.jpg
+    seen = {3: 0, 0: 0, 9: 0}
+    pixels = []
+    for y in labels:
+        pixels.append(np.full((32, 32, 3), 20 * y + seen[y], np.uint8))
+        seen[y] += 1
+    np.savez(root / data.EXACT_SUBSET, x_test_first1000=np.stack(pixels), y_test_first1000=labels)
+    exact = data.load("cifar10-exact1000", False, root)
+    jpeg = data.load("cifar10-jpeg1000", False, root)
+    assert len(exact) == len(jpeg) == 5
+    for i in range(5):
+        (xe, ye), (xj, yj) = exact[i], jpeg[i]
+        assert int(ye) == yj == labels[i] and xe.shape == xj.shape == (3, 32, 32)
+        assert (xe - xj).abs().max() < 2 / 255  # the same image, up to JPEG rounding
+    with pytest.raises(ValueError, match="test set only"):
+        data.load("cifar10-exact1000", True, root)
 
 
 def test_unknown_data_set():

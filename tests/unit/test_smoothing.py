@@ -63,6 +63,10 @@ def test_same_seed_same_certificate_and_batching_does_not_matter():
     assert [c.n_a for c in together] == [c.n_a for c in again]
     assert (together[2].n_a, together[2].radius, together[2].seed) == (
         alone.n_a, alone.radius, alone.seed)
+    mixed = smooth.certify(x[[2, 0]], n0=100, n=600, seed=[13, 11])  # one seed per image
+    assert [(c.seed, c.n_a) for c in mixed] == [(13, alone.n_a), (11, together[0].n_a)]
+    with pytest.raises(InputError, match="2 seeds for 3 images"):
+        smooth.certify(x, n0=10, n=10, seed=[1, 2])
 
 
 def linear_toy(sigma: float, seed: int) -> tuple[SplitModel, torch.Tensor, torch.Tensor]:

@@ -1,0 +1,117 @@
+"""Service throughput and latency (HTTP + Redis + RQ workers) against the in-process engine.
+
+    python bench/service.py --model mnist-splitz-quick --n 10000 [--workers 1,2] [--clients 1,8,32]
+
+Starts redis-server on a free port, the API (uvicorn) and 1 or 2 workers as plain processes (the
+same helpers the stack tests use), then runs bounded request loops: C client threads, each
+POSTing /certify one image at a time until `--requests` answers came back. The engine figure is
+`Smooth.certify` on the same images, n and seeds, one after another, in this process. With W
+workers each worker runs W-times fewer torch threads, so all configurations use the same cores.
+Prints a JSON line per configuration, then a table; overhead = 1 - service images/s / engine's.
+"""
+
+import argparse
+import json
+import os
+import statistics
+import tempfile
+import threading
+import time
+from pathlib import Path
+
+import torch
+
+from app.client import Client
+from splitz import Smooth, checkpoint
+from splitz.images import load_image
+from tests.service.stack import RedisServer, Stack
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def engine_rate(model_dir: Path, model_id: str, images: list[Path], n: int) -> float:
+    loaded = checkpoint.load(checkpoint.resolve(model_dir, model_id))
+    smooth = Smooth.from_checkpoint(loaded)
+    xs = [load_image(p, loaded.model.input_shape) for p in images]
+    smooth.certify(xs[0], n=min(n, 1000))  # warm up
+    start = time.perf_counter()
+    for i, x in enumerate(xs):
+        smooth.certify(x, n=n, seed=i)
+    return len(xs) / (time.perf_counter() - start)
+
+
+def client_loop(url: str, model_id: str, images: list[Path], n: int, todo: list[int],
+                lock: threading.Lock, latencies: list[float]) -> None:
+    client = Client(url, timeout=600)
+    while True:
+        with lock:
+            if not todo:
+                return
+            i = todo.pop()
+        t = time.perf_counter()
+        client.certify(images[i % len(images)], model_id, n=n, seed=i)
+        latencies.append(time.perf_counter() - t)
+
+
+def service_run(stack: Stack, model_id: str, images: list[Path], n: int, clients: int,
+                requests: int) -> dict:
+    todo, lock, latencies = list(range(requests)), threading.Lock(), []
+    threads = [threading.Thread(target=client_loop,
+                                args=(stack.url, model_id, images, n, todo, lock, latencies))
+               for _ in range(clients)]
+    start = time.perf_counter()
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    elapsed = time.perf_counter() - start
+    q = statistics.quantiles(latencies, n=20)
+    return {"images_per_s": round(requests / elapsed, 3), "p50_s": round(q[9], 2),
+            "p95_s": round(q[18], 2)}
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__)
+    p.add_argument("--model", default="mnist-splitz-quick", help="a model id in --model-dir")
+    p.add_argument("--model-dir", type=Path, default=ROOT / "models")
+    p.add_argument("--images", default=str(ROOT / "examples" / "mnist-*.png"))
+    p.add_argument("--n", type=int, default=10_000)
+    p.add_argument("--workers", default="1,2")
+    p.add_argument("--clients", default="1,8,32")
+    p.add_argument("--requests", type=int, default=32, help="answers per configuration")
+    args = p.parse_args()
+    images = sorted(Path("/").glob(args.images.lstrip("/")))
+    threads = torch.get_num_threads()
+    engine = engine_rate(args.model_dir, args.model, images[:8], args.n)
+    rows = [{"figure": "engine", "model": args.model, "n": args.n, "threads": threads,
+             "images_per_s": round(engine, 3)}]
+    print(json.dumps(rows[0]), flush=True)
+    with tempfile.TemporaryDirectory() as tmp:
+        redis = RedisServer(Path(tmp))
+        try:
+            for w in map(int, args.workers.split(",")):
+                os.environ["OMP_NUM_THREADS"] = str(max(1, threads // w))  # for the children
+                stack = Stack(redis, args.model_dir, Path(tmp), workers=w, sync_wait_s=600,
+                              max_queue=1000, heartbeat_s=5)
+                try:
+                    for c in map(int, args.clients.split(",")):
+                        r = service_run(stack, args.model, images, args.n, c,
+                                        max(args.requests, c))
+                        rows.append({"figure": "service", "model": args.model, "n": args.n,
+                                     "workers": w, "clients": c, **r,
+                                     "overhead": round(1 - r["images_per_s"] / engine, 3)})
+                        print(json.dumps(rows[-1]), flush=True)
+                finally:
+                    stack.close()
+        finally:
+            redis.stop()
+    print(f"\nmodel {args.model}, n = {args.n:,}; engine in-process: {engine:.3f} images/s "
+          f"({threads} threads)")
+    print(f"{'workers':>8}{'clients':>8}{'images/s':>10}{'p50 s':>8}{'p95 s':>8}{'overhead':>10}")
+    for r in rows[1:]:
+        print(f"{r['workers']:>8}{r['clients']:>8}{r['images_per_s']:>10}{r['p50_s']:>8}"
+              f"{r['p95_s']:>8}{100 * r['overhead']:>9.1f}%")
+
+
+if __name__ == "__main__":
+    main()

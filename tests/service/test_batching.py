@@ -1,0 +1,54 @@
+"""Worker batching: small jobs certified together in one engine pass get exactly the results
+they would get alone."""
+
+import time
+
+import pytest
+
+from splitz import checkpoint
+from splitz.images import load_image
+from splitz.smoothing import Smooth
+from worker.jobs import JobSpec, ModelCache, run_batch, run_job
+
+from .conftest import TINY, TINY_RS, b64, png_bytes
+from .test_stack import files, make_stack, redis_server  # noqa: F401 (fixtures)
+
+
+def comparable(result: dict) -> dict:
+    """A job's result without what depends on timing or batching."""
+    drop = {"seconds", "batched"}
+    out = {k: v for k, v in result.items() if k not in drop}
+    if "results" in out:
+        out["results"] = [{k: v for k, v in r.items() if k != "time_s"} for r in out["results"]]
+    return out
+
+
+def test_a_batched_pass_gives_each_job_its_own_result(repository):
+    models = ModelCache(repository)
+    specs = [JobSpec(model_id=TINY, images=[b64(png_bytes(i)), b64(png_bytes(i + 10))], n=300,
+                     seed=7 * i, radius=0.05) for i in range(3)]
+    specs.insert(1, JobSpec(model_id=TINY, images=[b64(b"not an image")], n=300, radius=0.05))
+    batched = run_batch(specs, models)
+    assert [r.get("batched") for r in batched] == [3, None, 3, 3]
+    assert "image-0" in batched[1]["error"]
+    for spec, got in zip(specs, batched, strict=True):
+        assert comparable(got) == comparable(run_job(spec, models))
+
+
+@pytest.mark.slow
+def test_queued_small_jobs_run_in_one_pass_with_their_own_results(make_stack, repository):  # noqa: F811
+    stack = make_stack(workers=1)
+    busy = stack.http.post("/jobs", params={"model": TINY_RS, "n": 20_000}, files=files(4)).json()
+    while stack.http.get(f"/jobs/{busy['id']}").json()["status"] == "queued":
+        time.sleep(0.05)
+    small = [stack.http.post("/jobs", params={"model": TINY, "n": 400, "seed": 100 * i},
+                             files=files(1, start=i)).json()["id"] for i in range(6)]
+    smooth = Smooth.from_checkpoint(checkpoint.load(repository / TINY))
+    for i, job_id in enumerate(small):
+        body = stack.wait_job(job_id)
+        assert body["status"] == "finished" and body["batched"] == 6
+        want = smooth.certify(load_image(png_bytes(i), (1, 28, 28)), n=400, seed=100 * i)[0]
+        got = body["results"][0]
+        assert (got["prediction"], got["n_a"], got["radius"], got["seed"]) == (
+            want.prediction, want.n_a, want.radius, 100 * i)
+    assert stack.wait_job(busy["id"])["batched"] == 1
