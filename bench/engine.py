@@ -129,9 +129,10 @@ def main() -> None:
               f"{r['speedup']:>8}{100 * r['fraction_of_peak']:>10.1f}%")
     if args.record:
         own = [r for r in rows if r.get("precision") == loaded.card.precision and "batch" in r]
-        loaded.card.batch_size = max(own, key=lambda r: r["samples_per_s"])["batch"]
-        checkpoint.write_card(loaded.card, args.model)
-        print(f"recorded batch_size={loaded.card.batch_size} in {args.model}/card.json")
+        card = checkpoint.read_card(args.model)  # fresh: the card may have changed meanwhile
+        card.batch_size = max(own, key=lambda r: r["samples_per_s"])["batch"]
+        checkpoint.write_card(card, args.model)
+        print(f"recorded batch_size={card.batch_size} in {args.model}/card.json")
 
 
 def _name(device: str) -> str:

@@ -22,9 +22,9 @@ from pathlib import Path
 import torch
 
 from app.client import Client
+from app.stack import RedisServer, Stack
 from splitz import Smooth, checkpoint
 from splitz.images import load_image
-from tests.service.stack import RedisServer, Stack
 
 ROOT = Path(__file__).resolve().parents[1]
 

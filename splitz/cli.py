@@ -64,6 +64,8 @@ def _parser() -> argparse.ArgumentParser:
     ev.add_argument("--n0", type=_positive_int, default=100)
     ev.add_argument("--alpha", type=float, default=0.001)
     ev.add_argument("--batch", type=_positive_int, help="default: the model card's")
+    ev.add_argument("--precision", choices=("float32", "bfloat16"),
+                    help="f2's precision (default: the model card's)")
     ev.add_argument("--seed", type=int, default=0)
     ev.add_argument("--device", default="cpu")
     ev.add_argument("--data-root", type=Path)
@@ -217,18 +219,21 @@ def _evaluate(args) -> int:
     dataset = args.data or loaded.card.dataset
     every = args.every or {"cifar10": 20, "mnist": 10}.get(dataset, 1)
     summary = evaluate.evaluate(loaded, args.out, every, args.limit, args.n0, args.n, args.alpha,
-                                args.batch, args.seed, args.data_root, args.device, dataset)
+                                args.batch, args.seed, args.data_root, args.device, dataset,
+                                args.precision)
     print(evaluate.markdown_table({loaded.card.id: summary}))
     if args.record:
-        loaded.card.metrics[args.out.stem] = {
+        card = checkpoint.read_card(args.model)  # fresh: another run may have recorded meanwhile
+        card.metrics[args.out.stem] = {
             "tsv": args.out.name, "data": dataset, "every": every, "images": summary.images,
             "n0": args.n0, "n": args.n, "alpha": args.alpha, "seed": args.seed,
             "batch": args.batch or loaded.card.batch_size,
+            "precision": args.precision or loaded.card.precision,
             "certified_accuracy": {str(r): a for r, a in summary.certified_accuracy.items()},
             "average_certified_radius": summary.average_certified_radius,
             "command": shlex.join(["splitz", *sys.argv[1:]]) if sys.argv[1:] else "evaluate",
         }
-        checkpoint.write_card(loaded.card, args.model)
+        checkpoint.write_card(card, args.model)
     return 0
 
 

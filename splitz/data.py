@@ -12,7 +12,6 @@ from pathlib import Path
 import numpy as np
 import torch
 from torch.utils.data import Dataset, Subset, TensorDataset
-from torchvision import datasets, transforms
 
 
 @dataclass(frozen=True)
@@ -60,6 +59,8 @@ def default_root() -> Path:
 
 def load(name: str, train: bool, root: Path | None = None, augment: bool = False) -> Dataset:
     """The data set as tensors in [0, 1] (normalization is part of the model, not the data)."""
+    from torchvision import datasets, transforms  # here: workers never load data (~190 MB)
+
     root = Path(root or default_root())
     if name == "mnist":
         return datasets.MNIST(root, train=train, download=not _has_mnist(root),
@@ -77,6 +78,8 @@ def _has_mnist(root: Path) -> bool:
 
 
 def _cifar10(root: Path, train: bool, augment: bool) -> Dataset:
+    from torchvision import datasets, transforms
+
     tf = [transforms.ToTensor()]
     if augment:
         tf = [transforms.RandomCrop(32, padding=4), transforms.RandomHorizontalFlip(), *tf]

@@ -26,7 +26,7 @@ class Summary:
 def evaluate(loaded: LoadedModel, out: Path, every: int, limit: int | None = None,
              n0: int = 100, n: int = 100_000, alpha: float = 0.001, batch_size: int | None = None,
              seed: int = 0, data_root: Path | None = None, device: str = "cpu",
-             dataset: str | None = None) -> Summary:
+             dataset: str | None = None, precision: str | None = None) -> Summary:
     """Certify test images 0, every, 2*every, ... of `dataset` (default: the card's); resumes an
     interrupted TSV where it stopped."""
     dataset = dataset or loaded.card.dataset
@@ -35,7 +35,7 @@ def evaluate(loaded: LoadedModel, out: Path, every: int, limit: int | None = Non
     test = data.load(dataset, train=False, root=data_root)
     indices = list(range(0, len(test), every))[:limit]
     done = {int(r["idx"]) for r in read_tsv(out)} if out.exists() else set()
-    smooth = Smooth.from_checkpoint(loaded, batch_size, device)
+    smooth = Smooth.from_checkpoint(loaded, batch_size, device, precision)
     new = not out.exists()
     out.parent.mkdir(parents=True, exist_ok=True)
     with open(out, "a", newline="") as f:

@@ -1,5 +1,7 @@
 import base64
 import io
+import os
+import shutil
 from pathlib import Path
 
 import pytest
@@ -43,3 +45,12 @@ def png_bytes(seed: int = 0, size=(28, 28), mode="L") -> bytes:
 
 def b64(data: bytes) -> str:
     return base64.b64encode(data).decode()
+
+
+def redis_binary() -> str:
+    path = shutil.which("redis-server")
+    if path:
+        return path
+    if os.environ.get("CI") == "true":
+        pytest.fail("redis-server is not installed (CI must install it: see .ci/run)")
+    pytest.skip("redis-server is not installed; the service tests need it")

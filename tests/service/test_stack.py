@@ -7,19 +7,19 @@ import time
 import pytest
 import redis
 
+from app.stack import RedisServer, Stack
 from splitz import checkpoint
 from splitz.images import load_image
 from splitz.smoothing import Smooth
 
-from .conftest import TINY, TINY_RS, png_bytes
-from .stack import RedisServer, Stack
+from .conftest import TINY, TINY_RS, png_bytes, redis_binary
 
 pytestmark = pytest.mark.slow
 
 
 @pytest.fixture(scope="module")
 def redis_server(tmp_path_factory):
-    server = RedisServer(tmp_path_factory.mktemp("redis"))
+    server = RedisServer(tmp_path_factory.mktemp("redis"), redis_binary())
     yield server
     if server.proc.poll() is None:
         server.proc.kill()

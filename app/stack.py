@@ -1,4 +1,5 @@
-"""The production stack as plain processes: redis-server on a free port, uvicorn, N workers."""
+"""The production stack as plain processes: redis-server on a free port, uvicorn, N workers.
+Used by the stack tests and bench/service.py."""
 
 import os
 import shutil
@@ -10,9 +11,8 @@ import time
 from pathlib import Path
 
 import httpx
-import pytest
 
-ROOT = Path(__file__).resolve().parents[2]
+ROOT = Path(__file__).resolve().parents[1]
 
 
 def free_port() -> int:
@@ -21,18 +21,12 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def redis_binary() -> str:
-    path = shutil.which("redis-server")
-    if path:
-        return path
-    if os.environ.get("CI") == "true":
-        pytest.fail("redis-server is not installed (CI must install it: see .ci/run)")
-    pytest.skip("redis-server is not installed; the service tests need it")
-
-
 class RedisServer:
-    def __init__(self, workdir: Path):
-        self.binary, self.port, self.dir = redis_binary(), free_port(), workdir
+    def __init__(self, workdir: Path, binary: str | None = None):
+        self.binary = binary or shutil.which("redis-server")
+        if not self.binary:
+            raise RuntimeError("redis-server is not installed")
+        self.port, self.dir = free_port(), workdir
         self.proc: subprocess.Popen | None = None
         self.start()
 
