@@ -13,7 +13,7 @@ from . import checkpoint, data, evaluate
 from .errors import SplitzError
 from .images import load_image
 from .lipschitz import layer_profile
-from .smoothing import Smooth
+from .smoothing import PRECISIONS, Smooth
 from .train import TrainConfig, train
 
 
@@ -64,7 +64,7 @@ def _parser() -> argparse.ArgumentParser:
     ev.add_argument("--n0", type=_positive_int, default=100)
     ev.add_argument("--alpha", type=float, default=0.001)
     ev.add_argument("--batch", type=_positive_int, help="default: the model card's")
-    ev.add_argument("--precision", choices=("float32", "bfloat16"),
+    ev.add_argument("--precision", choices=tuple(PRECISIONS),
                     help="f2's precision (default: the model card's)")
     ev.add_argument("--seed", type=int, default=0)
     ev.add_argument("--device", default="cpu")
@@ -124,7 +124,7 @@ def _sampling_args(p: argparse.ArgumentParser, n: int) -> None:
                    help="samples per forward pass (default: the model card's)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--device", default="cpu", help="cpu, cuda, cuda:1, ...")
-    p.add_argument("--precision", choices=("float32", "bfloat16"),
+    p.add_argument("--precision", choices=tuple(PRECISIONS),
                    help="f2's precision (default: the model card's)")
     p.add_argument("--json", action="store_true", help="one JSON object per image")
     p.add_argument("--quiet", action="store_true", help="no progress bar")

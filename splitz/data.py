@@ -104,7 +104,7 @@ def _cifar10_first1000(root: Path, exact: bool) -> Dataset:
         x = torch.from_numpy(pixels).permute(0, 3, 1, 2).float() / 255
         return TensorDataset(x, torch.from_numpy(labels))
     folder = _cifar10(root, train=False, augment=False)
-    index = {(label, Path(path).stem): i for i, (path, label) in enumerate(folder.samples)}
+    index = {(label, Path(file).stem): i for i, (file, label) in enumerate(folder.samples)}
     seen = np.zeros(10, dtype=np.int64)
     twins = []
     for y in labels:

@@ -30,6 +30,10 @@ class JobSpec(BaseModel):
     radius: float | None = Field(None, ge=0, allow_inf_nan=False)
     early_stop: bool = False  # with radius: only decide "certified at radius?" (Smooth.query)
 
+    @property
+    def is_query(self) -> bool:
+        return self.early_stop and self.radius is not None
+
 
 class Canceled(Exception):
     """The client canceled the job."""
@@ -75,7 +79,7 @@ def run_certify(spec: JobSpec, models: ModelCache,
     for i, (x, name) in enumerate(images):
         if canceled():
             raise Canceled(f"canceled after {i} of {len(images)} images")
-        if spec.early_stop and spec.radius is not None:
+        if spec.is_query:
             answer = smooth.query(x, spec.radius, alpha=spec.alpha, n0=spec.n0, n_max=spec.n,
                                   seed=spec.seed + i)[0]
         else:
@@ -86,9 +90,13 @@ def run_certify(spec: JobSpec, models: ModelCache,
     return _result(spec, results, start)
 
 
+SMALL_JOB_IMAGES = 8  # only jobs with at most this many images are batched
+
+
 def batch_key(spec: JobSpec) -> tuple | None:
-    """Jobs with the same key can be certified together in one engine pass (run_batch)."""
-    if spec.early_stop and spec.radius is not None:
+    """Jobs with the same key can be certified together in one engine pass (run_batch); None for
+    jobs that are not batched (radius queries, jobs over SMALL_JOB_IMAGES)."""
+    if spec.is_query or len(spec.images) > SMALL_JOB_IMAGES:
         return None
     return spec.model_id, spec.n, spec.n0, spec.alpha, spec.radius
 

@@ -23,7 +23,6 @@ from .jobs import JobSpec, ModelCache, batch_key, run_batch, run_job
 log = logging.getLogger("splitz.worker")
 _models: ModelCache | None = None  # one per process, filled at boot, kept warm
 _ahead: dict[str, dict] = {}  # job id -> result computed in a batch, until the job runs
-SMALL_JOB_IMAGES = 8  # jobs with at most this many images are batched
 BATCH_IMAGES = 32  # at most this many images in one batched pass
 LOOKAHEAD = 64  # queued jobs inspected for a batch
 
@@ -54,28 +53,25 @@ def certify_job(spec: dict) -> dict:
     return run_job(spec, _cache(), progress, canceled)
 
 
-def batch_ahead(job, queue: Queue) -> list[str]:
+def batch_ahead(job, queue: Queue) -> None:
     """Certify a small `job` with compatible small jobs queued behind it; keep their results
-    (in _ahead) for when they run. Returns the ids batched (none when there is no peer)."""
+    (in _ahead) for when they run."""
     _ahead.clear()  # results of peers another worker took: never asked for now
     spec = JobSpec.model_validate(job.args[0])
     key = batch_key(spec)
-    if key is None or len(spec.images) > SMALL_JOB_IMAGES:
-        return []
+    if key is None:
+        return
     batch, images = [(job.id, spec)], len(spec.images)
     for peer in queue.get_jobs(0, LOOKAHEAD):
         if peer is None or peer.id == job.id or peer.func_name != job.func_name:
             continue
         other = JobSpec.model_validate(peer.args[0])
-        if (batch_key(other) == key and len(other.images) <= SMALL_JOB_IMAGES
-                and images + len(other.images) <= BATCH_IMAGES):
+        if batch_key(other) == key and images + len(other.images) <= BATCH_IMAGES:
             batch.append((peer.id, other))
             images += len(other.images)
-    if len(batch) < 2:
-        return []
-    results = run_batch([s for _, s in batch], _cache())
-    _ahead.update((job_id, r) for (job_id, _), r in zip(batch, results, strict=True))
-    return [job_id for job_id, _ in batch]
+    if len(batch) > 1:
+        results = run_batch([s for _, s in batch], _cache())
+        _ahead.update((job_id, r) for (job_id, _), r in zip(batch, results, strict=True))
 
 
 def _cache() -> ModelCache:

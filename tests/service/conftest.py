@@ -5,9 +5,11 @@ import shutil
 from pathlib import Path
 
 import pytest
+import redis
 import torch
 from PIL import Image
 
+from app.stack import RedisServer, Stack
 from splitz import checkpoint
 from splitz.nets import create_model
 
@@ -54,3 +56,30 @@ def redis_binary() -> str:
     if os.environ.get("CI") == "true":
         pytest.fail("redis-server is not installed (CI must install it: see .ci/run)")
     pytest.skip("redis-server is not installed; the service tests need it")
+
+
+@pytest.fixture(scope="module")
+def redis_server(tmp_path_factory):
+    server = RedisServer(tmp_path_factory.mktemp("redis"), redis_binary())
+    yield server
+    if server.proc.poll() is None:
+        server.proc.kill()
+
+
+@pytest.fixture
+def make_stack(redis_server, repository, tmp_path):
+    stacks = []
+
+    def make(**kw) -> Stack:
+        redis.Redis.from_url(redis_server.url).flushall()
+        stacks.append(Stack(redis_server, repository, tmp_path, **kw))
+        return stacks[-1]
+
+    yield make
+    for s in stacks:
+        s.close()
+
+
+def files(count: int, start: int = 0):
+    return [("images", (f"{i}.png", png_bytes(i), "image/png")) for i in range(start,
+                                                                               start + count)]

@@ -10,8 +10,7 @@ from splitz.images import load_image
 from splitz.smoothing import Smooth
 from worker.jobs import JobSpec, ModelCache, run_batch, run_job
 
-from .conftest import TINY, TINY_RS, b64, png_bytes
-from .test_stack import files, make_stack, redis_server  # noqa: F401 (fixtures)
+from .conftest import TINY, TINY_RS, b64, files, png_bytes
 
 
 def comparable(result: dict) -> dict:
@@ -36,7 +35,7 @@ def test_a_batched_pass_gives_each_job_its_own_result(repository):
 
 
 @pytest.mark.slow
-def test_queued_small_jobs_run_in_one_pass_with_their_own_results(make_stack, repository):  # noqa: F811
+def test_queued_small_jobs_run_in_one_pass_with_their_own_results(make_stack, repository):
     stack = make_stack(workers=1)
     busy = stack.http.post("/jobs", params={"model": TINY_RS, "n": 20_000}, files=files(4)).json()
     while stack.http.get(f"/jobs/{busy['id']}").json()["status"] == "queued":

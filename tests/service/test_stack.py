@@ -5,43 +5,15 @@ import signal
 import time
 
 import pytest
-import redis
 
-from app.stack import RedisServer, Stack
+from app.stack import Stack
 from splitz import checkpoint
 from splitz.images import load_image
 from splitz.smoothing import Smooth
 
-from .conftest import TINY, TINY_RS, png_bytes, redis_binary
+from .conftest import TINY, TINY_RS, files, png_bytes
 
 pytestmark = pytest.mark.slow
-
-
-@pytest.fixture(scope="module")
-def redis_server(tmp_path_factory):
-    server = RedisServer(tmp_path_factory.mktemp("redis"), redis_binary())
-    yield server
-    if server.proc.poll() is None:
-        server.proc.kill()
-
-
-@pytest.fixture
-def make_stack(redis_server, repository, tmp_path):
-    stacks = []
-
-    def make(**kw) -> Stack:
-        redis.Redis.from_url(redis_server.url).flushall()
-        stacks.append(Stack(redis_server, repository, tmp_path, **kw))
-        return stacks[-1]
-
-    yield make
-    for s in stacks:
-        s.close()
-
-
-def files(count: int, start: int = 0):
-    return [("images", (f"{i}.png", png_bytes(i), "image/png")) for i in range(start,
-                                                                               start + count)]
 
 
 def test_certify_end_to_end_equals_the_engine_and_readiness(make_stack, repository):
