@@ -15,14 +15,14 @@ ROOT = Path(__file__).resolve().parents[1]
 DOCS = ROOT / "docs"
 
 
-def runs() -> dict[str, list[tuple[str, dict, Path]]]:
-    """Data set -> [(run name, card metrics entry, TSV path)] over every shipped model."""
+def runs() -> dict[tuple[str, float], list[tuple[str, dict, Path]]]:
+    """(data set, sigma) -> [(run name, card metrics entry, TSV path)] over the shipped models."""
     out = defaultdict(list)
     for card in checkpoint.list_cards(ROOT / "models"):
         for key, m in card.metrics.items():
             if isinstance(m, dict) and "tsv" in m:
-                data = m.get("data", card.dataset)
-                out[data].append((f"{card.id} ({key})", m, ROOT / "models" / card.id / m["tsv"]))
+                group = (m.get("data", card.dataset), card.sigma)
+                out[group].append((f"{card.id} ({key})", m, ROOT / "models" / card.id / m["tsv"]))
     return dict(sorted(out.items()))
 
 
@@ -38,15 +38,15 @@ def main() -> None:
              "SPLITZ models stay below the smoothing baseline at every radius. The CIFAR-10 "
              "copy is JPEG-compressed: cifar10-exact1000 and cifar10-jpeg1000 are the same "
              "images with exact and JPEG pixels.", ""]
-    for data, group in runs().items():
+    for (data, sigma), group in runs().items():
         summaries = {name: evaluate.summarize(evaluate.read_tsv(tsv)) for name, _, tsv in group}
-        png = DOCS / f"results-{data}.png"
+        png = DOCS / f"results-{data}-s{sigma}.png"
         evaluate.plot({name: tsv for name, _, tsv in group}, png)
-        lines += [f"## {data}", "", evaluate.markdown_table(summaries), "",
+        lines += [f"## {data}, σ = {sigma}", "", evaluate.markdown_table(summaries), "",
                   "| run | test images | n0 | n | α | command |", "|---|---|---|---|---|---|"]
         lines += [f"| {name} | {m['images']} (every {m['every']}) | {m['n0']} | {m['n']:,} | "
                   f"{m['alpha']} | `{m['command']}` |" for name, m, _ in group]
-        lines += ["", f"![certified accuracy, {data}]({png.name})", ""]
+        lines += ["", f"![certified accuracy, {data}, σ = {sigma}]({png.name})", ""]
     lines += experiments()
     (DOCS / "results.md").write_text("\n".join(lines))
 

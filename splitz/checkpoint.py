@@ -30,7 +30,8 @@ class ModelCard(BaseModel):
     dataset: str
     split: str
     sigma: float = Field(gt=0)
-    bound_method: str = "local: eigvalsh of the masked Gram A^T M A (float64, +1e-6 rel.)"
+    bound_method: str = ("local: banded Cholesky proof on the masked Gram A^T M A "
+                         "(float64, +1e-6 rel.)")
     precision: str = "float32"
     batch_size: int = Field(1000, ge=1)  # samples per forward pass (bench/engine.py --record)
     description: str = ""

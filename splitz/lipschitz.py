@@ -7,10 +7,16 @@ units that stay dead (u_i + ||a_i|| gamma <= 0) or saturated (u_i - ||a_i|| gamm
 constant on the ball and the others have slope in [0, 1], so along any segment inside the (convex)
 ball ||f1(x') - f1(x)|| <= ||M A||_2 ||x' - x||, with M the 0/1 mask of units that can change.
 
-||M A||_2^2 is the largest eigenvalue of G = A^T M A. We form G exactly from the conv's patches
-and diagonalize it with LAPACK; that is backward stable (error below d * eps * ||G||, about 1e-12
-relative here), and REL_MARGIN covers it with a wide safety factor. Never a truncated power
-iteration: that can only under-estimate a spectral norm.
+||M A||_2^2 is the largest eigenvalue of G = A^T M A. We form G from the conv's patches with the
+pixels in (row, column, channel) order, where it is a band matrix (bandwidth about
+(kernel_h - 1) * width * channels), and prove ||M A||_2 <= tau with a banded Cholesky
+factorization of s I - G, s = tau^2 shrunk by safety margins: if it runs to completion, s I - G
+is positive semi-definite up to Higham's backward error (Accuracy and Stability of Numerical
+Algorithms, 2nd ed., Thm 10.3: the computed factor satisfies R^T R = H + dH with
+|dH| <= gamma_{d+1} |R^T| |R|, for any order of the inner products, so also for blocked LAPACK),
+hence lambda_max(G) <= s (1 + cholesky_margin(d)). REL_MARGIN covers the rounding in forming G.
+Norms are the smallest tau proven by bisection; Theorem 1's gamma search tests its candidates
+directly. Never a truncated power iteration: that can only under-estimate a spectral norm.
 
 Floating point (Voracek & Hein, 2023): the deployed f1 is `exact(x)` -- f1 evaluated in float64
 -- rounded to float32 for f2. `float_slack` bounds how far that is from the real-valued f1, at x
@@ -20,8 +26,11 @@ and anywhere on the ball, and `input_radius` takes it off R_z before dividing by
 import math
 from dataclasses import dataclass
 
+import numpy as np
 import torch
 import torch.nn.functional as F
+from scipy.linalg import LinAlgError, cholesky_banded
+from threadpoolctl import ThreadpoolController
 from torch import Tensor, nn
 
 from .nets import BasicBlock, ClipReLU, Normalize
@@ -29,8 +38,10 @@ from .nets import BasicBlock, ClipReLU, Normalize
 REL_MARGIN = 1e-6  # relative safety margin on every computed norm
 U32, U64 = 2.0**-24, 2.0**-53  # unit roundoff of float32 / float64
 MASK_TOL = 1e-6  # a unit within this (relative) distance of a kink counts as one that can change
-GAMMA_REL_TOL = 1e-3  # the gamma bisection stops when its bracket is this narrow (relative)
-GRAM_BYTES = 256 * 2**20  # memory budget for a batch of Gram matrices
+GAMMA_REL_TOL = 1e-4  # the gamma bisection stops when its bracket is this narrow (relative)
+NORM_REL_TOL = 1e-8  # norms are proven to within this factor of the computed Gram's
+GRAM_BYTES = 256 * 2**20  # memory budget for a batch of banded Gram matrices
+_BLAS = ThreadpoolController()  # scanning the loaded libraries is slow: once per process
 
 
 class F1Bound:
@@ -55,12 +66,15 @@ class F1Bound:
         self.kernel = self.weight.flatten(1)  # (c_out, c_in*kh*kw), ordered like F.unfold
         # Interior rows of A have exactly this norm; border rows lose padded taps, so it is >=.
         self.row_norm = self.kernel.norm(dim=1)
+        # Row l of G's contributions: sum_o m[o, l] K[o, p] K[o, q], one matmul with this.
+        self.tap_products = torch.einsum("op,oq->opq", self.kernel, self.kernel).flatten(1)
         out_shape = self.preactivation(torch.zeros(1, *input_shape)).shape[1:]
         self.threshold = (act.upper().detach().double().cpu() if isinstance(act, ClipReLU)
                           else torch.full(out_shape, math.inf, dtype=torch.float64))
-        self._flat_index = self._gram_index(conv.kernel_size)
+        self._band_index, self.bandwidth = self._band_layout(conv.kernel_size)
+        self.cholesky_margin = cholesky_margin(self.dim)
         ones = torch.ones(1, *out_shape, dtype=torch.bool)
-        self.global_bound = float(self._mask_norm(ones)[0])
+        self.global_bound = float(self.mask_norm(ones)[0])
 
     def preactivation(self, x: Tensor) -> Tensor:
         """u = W pad((x - m) / s) + b in float64, exactly as the model computes it (the padding
@@ -109,32 +123,84 @@ class F1Bound:
         if self.identity:
             return torch.ones(x.shape[0], dtype=torch.float64)
         mask = self.can_change(self.preactivation(x), gamma)
-        return torch.minimum(self._mask_norm(mask), torch.tensor(self.global_bound))
+        return torch.minimum(self.mask_norm(mask), torch.tensor(self.global_bound))
 
-    def _gram_index(self, kernel_size: tuple[int, int]) -> Tensor:
-        """Flat indices into a (d+1)^2 matrix for every (patch, tap, tap); index d = padding."""
-        d = self.dim
-        ids = torch.arange(1, d + 1, dtype=torch.float64).view(1, *self.input_shape)
-        patches = F.unfold(ids, kernel_size, **self.conv_args)[0].T  # (L, P), 0 where padded
-        idx = patches.round().long() - 1
-        idx[idx < 0] = d
-        return (idx[:, :, None] * (d + 1) + idx[:, None, :]).flatten()
+    def proves(self, mask: Tensor, limit: Tensor) -> Tensor:
+        """Per mask: True where ||M A||_2 <= limit is proven (False: not proven)."""
+        bands = self._bands(mask)
+        proven = [self._proves(band, float(t)) for band, t in zip(bands, limit, strict=True)]
+        return torch.tensor(proven, dtype=torch.bool)
 
-    def _mask_norm(self, mask: Tensor) -> Tensor:
-        """||M A||_2 for each mask in the batch, rounded up by REL_MARGIN."""
+    def mask_norm(self, mask: Tensor) -> Tensor:
+        """||M A||_2 for each mask in the batch: the smallest bound proven by bisection."""
+        return torch.tensor([self._band_norm(band) for band in self._bands(mask)],
+                            dtype=torch.float64)
+
+    def _band_layout(self, kernel_size: tuple[int, int]) -> tuple[Tensor, int]:
+        """Where each (patch, tap, tap) product lands in the lower band storage of G (LAPACK's
+        layout, flattened: entry (i, j), i >= j, at (i - j) * d + j; a last slot takes the
+        unused products), with pixels in (row, column, channel) order; and the bandwidth."""
+        c, h, w = self.input_shape
         d = self.dim
-        chunk = max(1, GRAM_BYTES // (8 * (d + 1) ** 2))
+        ids = torch.arange(1, d + 1, dtype=torch.float64).view(1, c, h, w)
+        patches = F.unfold(ids, kernel_size, **self.conv_args)[0].T.round().long() - 1  # -1: pad
+        new_index = torch.arange(d).view(c, h, w).permute(1, 2, 0).flatten().argsort()
+        idx = torch.where(patches >= 0, new_index[patches.clamp(min=0)], -1)
+        i, j = idx[:, :, None], idx[:, None, :]
+        keep = (i >= j) & (j >= 0)
+        bandwidth = int((i - j)[keep].max())
+        flat = torch.where(keep, (i - j) * d + j, (bandwidth + 1) * d)
+        return flat.flatten(), bandwidth
+
+    def _bands(self, mask: Tensor):
+        """G = A^T M A for each mask in the batch, as (bandwidth + 1, d) lower band arrays."""
+        d, rows = self.dim, self.bandwidth + 1
         m = mask.flatten(2).double()  # (B, c_out, L)
-        out = []
-        for mc in m.split(chunk):
+        for mc in m.split(max(1, GRAM_BYTES // (8 * rows * d))):
             # Per output location l: Q_l = K^T diag(m_l) K, the Gram of that patch's active rows.
-            q = torch.einsum("bol,op,oq->blpq", mc, self.kernel, self.kernel)
-            g = torch.zeros(mc.shape[0], (d + 1) ** 2, dtype=torch.float64)
-            g.index_add_(1, self._flat_index, q.reshape(mc.shape[0], -1))
-            g = g.view(-1, d + 1, d + 1)[:, :d, :d]
-            lam = torch.linalg.eigvalsh(g)[:, -1].clamp(min=0.0)
-            out.append(torch.sqrt(lam * (1.0 + REL_MARGIN)))
-        return torch.cat(out)
+            q = mc.transpose(1, 2) @ self.tap_products  # (B, L, P * P)
+            g = torch.zeros(mc.shape[0], rows * d + 1, dtype=torch.float64)
+            g.index_add_(1, self._band_index, q.reshape(mc.shape[0], -1))
+            yield from g[:, :-1].view(-1, rows, d).numpy()
+
+    def _proves(self, band: np.ndarray, limit: float) -> bool:
+        """True if ||M A||_2 <= limit is proven for the Gram G in `band` (module docstring):
+        lambda_max(G) <= limit^2 / (1 + REL_MARGIN) by a Cholesky factorization of s I - G."""
+        s = limit * limit / ((1.0 + REL_MARGIN) * (1.0 + self.cholesky_margin))
+        if not s > 0 or band[0].max() > s:  # a diagonal entry of G is a lower bound on lambda_max
+            return False
+        shifted = -band
+        shifted[0] += s
+        try:
+            with _BLAS.limit(limits=1, user_api="blas"):  # small factorizations: threads only cost
+                cholesky_banded(shifted, lower=True, overwrite_ab=True, check_finite=False)
+        except LinAlgError:
+            return False
+        return True
+
+    def _band_norm(self, band: np.ndarray) -> float:
+        top = float(band[0].max())
+        if not math.isfinite(top) or top < 0:
+            raise ValueError("the Gram matrix of f1 is not finite")
+        if top == 0:  # a PSD matrix with a zero diagonal is zero, and so is ||M A||_2
+            return 0.0
+        # sqrt(max diagonal) <= ||M A||_2 <= Frobenius norm = sqrt(trace)
+        lo, hi = math.sqrt(top), math.sqrt(float(band[0].sum())) * (1 + 2 * REL_MARGIN)
+        while not self._proves(band, hi):
+            lo, hi = hi, 2 * hi
+        while hi > lo * (1 + NORM_REL_TOL):
+            mid = math.sqrt(lo * hi)
+            lo, hi = (lo, mid) if self._proves(band, mid) else (mid, hi)
+        return hi
+
+
+def cholesky_margin(d: int) -> float:
+    """Relative slack of the Cholesky test on a d x d matrix (module docstring): the completed
+    factorization of H = fl(s I - G) gives lambda_min(H) >= -gamma ||R||_F^2 >=
+    -gamma/(1-gamma) trace(H) with gamma = gamma_{d+1} and trace(H) <= d s (1 + u); rounding
+    H's diagonal costs u s more, and computing s itself a few units of roundoff."""
+    gamma = (d + 1) * U64 / (1 - (d + 1) * U64)
+    return d * (1 + U64) * gamma / (1 - gamma) + 16 * U64
 
 
 def _affine_clip_layers(layers: list[nn.Module]) -> tuple[Normalize, nn.Conv2d, nn.Module]:
@@ -159,40 +225,55 @@ class InputRadius:
 
 
 def input_radius(bound: F1Bound, x: Tensor, r_z: Tensor, rel_tol: float = GAMMA_REL_TOL,
-                 max_steps: int = 40) -> InputRadius:
+                 max_steps: int = 60) -> InputRadius:
     """R(x) = max_gamma min(r_z / L_gamma(x), gamma), searched by bisection (SPLITZ, Theorem 1).
 
-    Every gamma gives a valid certificate, so the search spends no confidence budget. gamma L_gamma
-    grows with gamma; the bracket [lo, hi] keeps lo feasible (lo L_lo <= r_z, so lo is certified)
-    and hi infeasible; the answer is the best certificate among all gammas evaluated, within a
-    factor (1 - rel_tol) of the optimum. Radii are capped at the diameter of [0, 1]^d. r_z is
-    first reduced by the float slack of f1 on the largest ball the search can reach.
+    Every gamma gives a valid certificate, so the search spends no confidence budget. gamma is
+    feasible when gamma L_gamma <= r_z, proven by `bound.proves` at the limit r_z / gamma; then
+    gamma itself is certified. gamma L_gamma grows with gamma, and past the largest feasible
+    gamma the certificate r_z / L_gamma is below it, so that gamma is the optimum. lo starts at
+    r_z / L_global (feasible) and hi doubles until infeasible; r_z is then reduced by the float
+    slack of f1 on B(x, hi), the largest ball the search can reach, and the bracket is bisected
+    to a relative width rel_tol. The reported L_gamma is the tighter of the limit proven at gamma
+    and `bound.local` there. Radii are capped at the diameter of [0, 1]^d.
     """
     r_z, cap = r_z.double(), math.sqrt(bound.dim)
     if bound.identity:
         lo = r_z.clamp(max=cap)
         return InputRadius(lo, lo.clone(), torch.ones_like(r_z), torch.zeros_like(r_z))
-    l0 = bound.local(x, torch.zeros_like(r_z))
-    slack = bound.float_slack(x, _safe_div(r_z, l0).clamp(max=cap))
+    u = bound.preactivation(x)
+    glob = torch.full_like(r_z, bound.global_bound)
+    hi = _safe_div(r_z, glob).clamp(max=cap)
+    grow = (r_z > 0) & (hi < cap)
+    for _ in range(max_steps):
+        if not grow.any():
+            break
+        hi = torch.where(grow, (2 * hi).clamp(max=cap), hi)
+        grow &= _feasible(bound, u, hi, r_z, grow) & (hi < cap)
+    slack = bound.float_slack(x, hi)
     r_z = (r_z - slack).clamp(min=0.0)
-    hi = _safe_div(r_z, l0).clamp(max=cap)
-    lo = torch.minimum(_safe_div(r_z, torch.full_like(r_z, bound.global_bound)), hi)
-    best = InputRadius(lo.clone(), lo.clone(), torch.full_like(r_z, bound.global_bound), slack)
+    lo = torch.minimum(_safe_div(r_z, glob), hi)
+    lip = glob.clone()
     for _ in range(max_steps):
         active = (hi - lo > rel_tol * lo) & (r_z > 0)
         if not active.any():
             break
         mid = torch.where(active, (lo + hi) / 2, lo)
-        lip = bound.local(x, mid)
-        cert = torch.minimum(_safe_div(r_z, lip), mid)
-        better = active & (cert > best.radius)
-        best = InputRadius(torch.where(better, cert, best.radius),
-                           torch.where(better, mid, best.gamma),
-                           torch.where(better, lip, best.lipschitz), slack)
-        feasible = mid * lip <= r_z
-        lo = torch.where(active & feasible, mid, lo)
-        hi = torch.where(active & ~feasible, mid, hi)
-    return best
+        ok = _feasible(bound, u, mid, r_z, active)
+        lo, lip = torch.where(ok, mid, lo), torch.where(ok, r_z / mid, lip)
+        hi = torch.where(active & ~ok, mid, hi)
+    tight = bound.mask_norm(bound.can_change(u, lo))
+    return InputRadius(lo, lo.clone(), torch.minimum(tight, lip), slack)
+
+
+def _feasible(bound: F1Bound, u: Tensor, gamma: Tensor, r_z: Tensor, which: Tensor) -> Tensor:
+    """gamma L_gamma <= r_z proven (u: the images' preactivations), evaluated only for the
+    images in `which` (else False)."""
+    out = torch.zeros_like(which)
+    idx = which.nonzero()[:, 0]
+    mask = bound.can_change(u[idx], gamma[idx])
+    out[idx] = bound.proves(mask, r_z[idx] / gamma[idx])
+    return out
 
 
 def _safe_div(num: Tensor, den: Tensor) -> Tensor:
