@@ -37,8 +37,8 @@ def matmul_peak(dtype: torch.dtype, device: str, size: int = 2048, seconds: floa
     return best
 
 
-def _sync(device: str) -> None:
-    if device.startswith("cuda"):
+def _sync(device: str | torch.device) -> None:
+    if str(device).startswith("cuda"):
         torch.cuda.synchronize()
 
 
@@ -59,6 +59,21 @@ def engine_rate(smooth: Smooth, x: torch.Tensor, n: int) -> float:
         t = time.perf_counter()
         smooth.sample_counts(z, n, gens)  # ends with .cpu(): synchronized
     return n / (time.perf_counter() - t)
+
+
+def noise_seconds(smooth: Smooth, x: torch.Tensor, batch: int, repeat: int = 20) -> float:
+    """Seconds per sample to draw the split's Gaussian noise alone, as the sampler does."""
+    z = smooth._features(x[None])
+    buf = torch.empty(batch, *z.shape[1:], device=smooth.device)
+    gen = smooth._generators([0])[0]
+    best = float("inf")
+    for _ in range(repeat):
+        _sync(smooth.device)
+        t = time.perf_counter()
+        buf.normal_(generator=gen).mul_(smooth.model.sigma).add_(z[0])
+        _sync(smooth.device)
+        best = min(best, (time.perf_counter() - t) / batch)
+    return best
 
 
 def reference_rate(smooth: Smooth, x: torch.Tensor, n: int, batch: int = 400) -> float:
@@ -106,6 +121,13 @@ def main() -> None:
          bfloat16=round(peak16, 1))
     flops = f2_flops(Smooth.from_checkpoint(loaded))
     emit(figure="f2_flops_per_sample", value=flops)
+    # Drawing the noise is work f2's FLOPs do not count: with f2 at the float32 peak, the
+    # engine could reach at most this fraction of it.
+    noise = noise_seconds(Smooth.from_checkpoint(loaded, device=args.device), x,
+                          loaded.card.batch_size)
+    at_peak = flops / (peak32 * 1e9)
+    emit(figure="noise", us_per_sample=round(noise * 1e6, 1),
+         ceiling_fraction_of_peak=round(at_peak / (at_peak + noise), 3))
     ref = reference_rate(Smooth.from_checkpoint(loaded, device=args.device), x,
                          args.n if gpu else min(args.n, 4000))
     emit(figure="reference", precision="float32", samples_per_s=round(ref),
@@ -120,9 +142,10 @@ def main() -> None:
                  s_per_image_100k=round(1e5 / rate, 2), speedup=round(rate / ref, 2),
                  fraction_of_peak=round(flops * rate / 1e9 / peaks[precision], 3))
     print(f"\nmodel {loaded.card.id}: f2 = {flops / 1e6:.1f} MFLOP/sample; matmul peak "
-          f"{peak32:.0f} GFLOP/s float32, {peak16:.0f} bfloat16")
+          f"{peak32:.0f} GFLOP/s float32, {peak16:.0f} bfloat16; noise {noise * 1e6:.0f} us/sample "
+          f"(float32 ceiling {100 * at_peak / (at_peak + noise):.0f} % of peak)")
     print(f"{'run':<30}{'samples/s':>12}{'s/image @1e5':>14}{'x ref':>8}{'% of peak':>11}")
-    for r in rows[2:]:
+    for r in rows[3:]:
         name = ("reference (batch 400)" if r["figure"] == "reference"
                 else f"engine {r['precision']} batch {r['batch']}")
         print(f"{name:<30}{r['samples_per_s']:>12}{r['s_per_image_100k']:>14}"
