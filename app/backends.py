@@ -16,12 +16,16 @@ from rq import Queue, Retry, Worker
 from rq.exceptions import NoSuchJobError
 from rq.job import Job, JobStatus
 from rq.registry import StartedJobRegistry
+from rq.results import Result
 from rq.serializers import JSONSerializer
 
 from worker.jobs import JobSpec, ModelCache, run_job
 from worker.main import cancel_key, certify_job, queue_name
 
 from .settings import Settings
+
+TERMINAL = ("finished", "failed", "canceled")
+WAIT_CHUNK_S = 1.0  # one blocking Redis read lasts at most this (under the socket timeout)
 
 
 class QueueFull(Exception):
@@ -47,6 +51,8 @@ class JobView:
 class Backend(Protocol):
     def submit(self, spec: JobSpec) -> str: ...
     def get(self, job_id: str) -> JobView | None: ...
+    def wait(self, job_id: str, deadline: float) -> JobView | None:
+        """Block until the job ends or time.monotonic() reaches `deadline`; then get()."""
     def cancel(self, job_id: str) -> bool: ...
     def ready(self, model_id: str | None = None) -> tuple[bool, str]: ...
     def queue_depth(self) -> int: ...
@@ -70,6 +76,7 @@ class EmbeddedBackend:
         self.models = ModelCache(settings.model_dir, settings.batch_size, settings.device)
         self.pool = ThreadPoolExecutor(threads, thread_name_prefix="certify")
         self.jobs: dict[str, JobView] = {}
+        self.ended: dict[str, threading.Event] = {}
         self.canceled: set[str] = set()
         self.lock = threading.Lock()
 
@@ -80,10 +87,17 @@ class EmbeddedBackend:
         with self.lock:
             self._forget_expired()
             self.jobs[view.id] = view
+            self.ended[view.id] = threading.Event()
         self.pool.submit(self._run, view, spec)
         return view.id
 
     def _run(self, view: JobView, spec: JobSpec) -> None:
+        try:
+            self._execute(view, spec)
+        finally:
+            self.ended[view.id].set()
+
+    def _execute(self, view: JobView, spec: JobSpec) -> None:
         if view.id in self.canceled:
             view.status = "canceled"
             return
@@ -105,10 +119,17 @@ class EmbeddedBackend:
         for job_id in [k for k, v in self.jobs.items()
                        if v.status in ("finished", "failed", "canceled") and v.created < horizon]:
             del self.jobs[job_id]
+            del self.ended[job_id]
             self.canceled.discard(job_id)
 
     def get(self, job_id: str) -> JobView | None:
         return self.jobs.get(job_id)
+
+    def wait(self, job_id: str, deadline: float) -> JobView | None:
+        ended = self.ended.get(job_id)
+        if ended is not None:
+            ended.wait(max(0.0, deadline - time.monotonic()))
+        return self.get(job_id)
 
     def cancel(self, job_id: str) -> bool:
         view = self.jobs.get(job_id)
@@ -117,6 +138,7 @@ class EmbeddedBackend:
         self.canceled.add(job_id)
         if view.status == "queued":
             view.status = "canceled"
+            self.ended[job_id].set()
         return True
 
     def ready(self, model_id: str | None = None) -> tuple[bool, str]:
@@ -175,6 +197,25 @@ class RQBackend:
             elif status == JobStatus.STARTED:
                 view.status = "started"
             return view
+
+    def wait(self, job_id: str, deadline: float) -> JobView | None:
+        """Blocks on the job's RQ result stream (a worker appends to it when a run ends), so the
+        answer leaves as soon as it exists; reads past the last entry seen, so an earlier
+        failed attempt that is being retried does not wake it again."""
+        key = Result.get_key(job_id)
+        with _redis_errors():
+            entries = self.redis.xrevrange(key, count=1)
+        last = entries[0][0] if entries else "0-0"
+        while True:
+            view = self.get(job_id)
+            left = deadline - time.monotonic()
+            if view is None or view.status in TERMINAL or left <= 0:
+                return view
+            block_ms = max(1, int(1000 * min(left, WAIT_CHUNK_S)))
+            with _redis_errors():
+                got = self.redis.xread({key: last}, block=block_ms)
+            if got:
+                last = got[0][1][-1][0]
 
     def cancel(self, job_id: str) -> bool:
         with _redis_errors():

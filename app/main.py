@@ -3,6 +3,7 @@
 import logging
 from contextlib import asynccontextmanager
 
+import anyio
 from fastapi import FastAPI
 
 from . import errors
@@ -20,6 +21,8 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     @asynccontextmanager
     async def lifespan(app: FastAPI):
         app.state.backend = make_backend(settings)
+        # threads blocked waiting for results of synchronous requests: one per queued job
+        app.state.waiters = anyio.CapacityLimiter(settings.max_queue)
         yield
         app.state.backend.close()
 

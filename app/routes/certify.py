@@ -1,6 +1,5 @@
 """POST /certify (one image, synchronous by default) and the batch job resource /jobs."""
 
-import asyncio
 import base64
 import io
 import logging
@@ -9,6 +8,7 @@ import time
 import zipfile
 from typing import Any
 
+import anyio
 from fastapi import APIRouter, HTTPException, Request
 from fastapi.responses import JSONResponse
 from pydantic import BaseModel, Field, ValidationError
@@ -19,7 +19,7 @@ from splitz.errors import InputError
 from splitz.images import load_image
 from worker.jobs import JobSpec, decode_base64
 
-from ..backends import JobView
+from ..backends import TERMINAL, JobView
 from ..deps import BackendDep, SettingsDep
 from ..limits import ApiKey
 from ..settings import Settings
@@ -27,7 +27,6 @@ from ..settings import Settings
 router = APIRouter(tags=["certify"], dependencies=[ApiKey])
 log = logging.getLogger("splitz.api")
 JOB_ID = re.compile(r"^[0-9a-f]{32}$|^[0-9a-f-]{36}$")
-TERMINAL = ("finished", "failed", "canceled")
 
 
 class Params(BaseModel):
@@ -50,7 +49,7 @@ async def certify(request: Request, backend: BackendDep, settings: SettingsDep) 
     early_stop (with radius: answer only "certified at radius?", sampling until decided)."""
     params, images = await _read(request, settings, batch=False)
     job_id = _submit(request, backend, _spec(params, images, settings))
-    view = await _wait(backend, job_id, settings.sync_wait_s if params.wait else 0.0)
+    view = await _wait(request, backend, job_id, settings.sync_wait_s if params.wait else 0.0)
     if view.status not in TERMINAL:
         return _accepted(request, view)
     _count(request, view)
@@ -175,16 +174,15 @@ def _unzip(data: bytes, settings: Settings) -> list[tuple[str, bytes]]:
         raise InputError("zip: not a valid zip archive") from None
 
 
-async def _wait(backend, job_id: str, seconds: float) -> JobView:
-    """Poll until the job ends or `seconds` pass; the interval grows 50 ms -> 0.2 s, so many
-    waiting requests do not take CPU from the workers (bench/service.py)."""
-    deadline, pause = time.monotonic() + seconds, 0.05
-    while True:
-        view = backend.get(job_id)
-        if view.status in TERMINAL or time.monotonic() >= deadline:
-            return view
-        await asyncio.sleep(min(pause, max(0.0, deadline - time.monotonic())))
-        pause = min(0.2, pause * 1.5)
+async def _wait(request: Request, backend, job_id: str, seconds: float) -> JobView:
+    """The job's view once it ends or `seconds` pass. The backend blocks (a Redis stream read,
+    or an event in-process) in a worker thread, so the answer leaves as soon as it exists;
+    the app's limiter caps those threads."""
+    if seconds <= 0:
+        return backend.get(job_id)
+    deadline = time.monotonic() + seconds
+    return await anyio.to_thread.run_sync(backend.wait, job_id, deadline,
+                                          limiter=request.app.state.waiters)
 
 
 def _find(backend, job_id: str) -> JobView:

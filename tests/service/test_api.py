@@ -7,11 +7,13 @@ import zipfile
 import pytest
 from fastapi.testclient import TestClient
 
+from app.backends import EmbeddedBackend
 from app.main import create_app
 from app.settings import Settings
 from splitz import checkpoint
 from splitz.images import load_image
 from splitz.smoothing import Smooth
+from worker.jobs import JobSpec
 
 from .conftest import TINY, b64, png_bytes
 
@@ -191,3 +193,19 @@ def test_radius_query_stops_early(client):
     r = client.post("/certify", params={"model": TINY, "early_stop": "true"},
                     files=upload(png_bytes()))
     assert r.status_code == 422 and "radius" in r.json()["error"]
+
+
+def test_embedded_wait_returns_when_the_job_ends_not_at_the_deadline(repository):
+    backend = EmbeddedBackend(Settings(model_dir=repository))
+    try:
+        spec = dict(model_id=TINY, images=[b64(png_bytes())], n=200)
+        running = backend.submit(JobSpec(**spec | {"n": 20_000}))
+        queued = backend.submit(JobSpec(**spec))  # behind it: one worker thread
+        start = time.monotonic()
+        backend.cancel(queued)
+        assert backend.wait(queued, start + 120).status == "canceled"
+        assert backend.wait(running, start + 120).status == "finished"
+        assert time.monotonic() - start < 60  # woken by the job, long before the deadline
+        assert backend.wait("no-such-job", start + 120) is None
+    finally:
+        backend.close()

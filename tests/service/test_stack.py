@@ -6,12 +6,15 @@ import time
 
 import pytest
 
+from app.backends import RQBackend
+from app.settings import Settings
 from app.stack import Stack
 from splitz import checkpoint
 from splitz.images import load_image
 from splitz.smoothing import Smooth
+from worker.jobs import JobSpec
 
-from .conftest import TINY, TINY_RS, files, png_bytes
+from .conftest import TINY, TINY_RS, b64, files, png_bytes
 
 pytestmark = pytest.mark.slow
 
@@ -109,3 +112,19 @@ def test_client_and_submit_cli(make_stack, tmp_path, capsys):
     assert rows[1].split(",")[2] == str(one["radius"])  # same seed, same answer
     assert main(["submit", str(paths[0]), "--model", "nope", "--url", stack.url]) == 2
     assert "unknown model" in capsys.readouterr().err
+
+
+def test_rq_wait_wakes_on_the_result_stream_and_on_cancel(make_stack):
+    stack = make_stack()
+    backend = RQBackend(Settings(redis_url=stack.redis.url))
+    spec = dict(model_id=TINY_RS, images=[b64(png_bytes())], n=500)
+    first = backend.submit(JobSpec(**spec | {"n": 20_000}))
+    second = backend.submit(JobSpec(**spec))  # queued behind it: one worker
+    start = time.monotonic()
+    backend.cancel(second)
+    assert backend.wait(second, start + 120).status == "canceled"
+    view = backend.wait(first, start + 120)
+    assert view.status == "finished" and len(view.result["results"]) == 1
+    assert time.monotonic() - start < 60  # woken by the result, long before the deadline
+    assert backend.wait("0" * 32, start + 1) is None
+    backend.close()
