@@ -84,18 +84,19 @@ class EmbeddedBackend:
         if self.queue_depth() >= self.settings.max_queue:
             raise QueueFull
         view = JobView(uuid.uuid4().hex, "queued", spec.model_id, total=len(spec.images))
+        ended = threading.Event()
         with self.lock:
             self._forget_expired()
             self.jobs[view.id] = view
-            self.ended[view.id] = threading.Event()
-        self.pool.submit(self._run, view, spec)
+            self.ended[view.id] = ended
+        self.pool.submit(self._run, view, spec, ended)
         return view.id
 
-    def _run(self, view: JobView, spec: JobSpec) -> None:
+    def _run(self, view: JobView, spec: JobSpec, ended: threading.Event) -> None:
         try:
             self._execute(view, spec)
         finally:
-            self.ended[view.id].set()
+            ended.set()
 
     def _execute(self, view: JobView, spec: JobSpec) -> None:
         if view.id in self.canceled:

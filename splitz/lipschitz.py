@@ -186,8 +186,12 @@ class F1Bound:
             return 0.0
         # sqrt(max diagonal) <= ||M A||_2 <= Frobenius norm = sqrt(trace)
         lo, hi = math.sqrt(top), math.sqrt(float(band[0].sum())) * (1 + 2 * REL_MARGIN)
-        while not self._proves(band, hi):
+        for _ in range(64):  # the Frobenius norm is proven at once unless rounding is extreme
+            if self._proves(band, hi):
+                break
             lo, hi = hi, 2 * hi
+        else:
+            raise ValueError("no bound on ||M A||_2 could be proven")
         while hi > lo * (1 + NORM_REL_TOL):
             mid = math.sqrt(lo * hi)
             lo, hi = (lo, mid) if self._proves(band, mid) else (mid, hi)
