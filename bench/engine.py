@@ -70,7 +70,7 @@ def noise_seconds(smooth: Smooth, x: torch.Tensor, batch: int, repeat: int = 20)
     for _ in range(repeat):
         _sync(smooth.device)
         t = time.perf_counter()
-        buf.normal_(generator=gen).mul_(smooth.model.sigma).add_(z[0])
+        smooth.draw_noisy(buf, z[0], gen)
         _sync(smooth.device)
         best = min(best, (time.perf_counter() - t) / batch)
     return best
