@@ -8,6 +8,7 @@ Every number comes from a TSV written by `splitz evaluate ... --record` beside a
 
 from collections import defaultdict
 from pathlib import Path
+from typing import NamedTuple
 
 from splitz import checkpoint, evaluate
 
@@ -15,25 +16,30 @@ ROOT = Path(__file__).resolve().parents[1]
 DOCS = ROOT / "docs"
 
 
-def runs() -> dict[tuple[str, float], list[tuple[str, dict, Path, bool]]]:
-    """(data set, sigma) -> [(run name, card metrics entry, TSV path, is SPLITZ)] over the
-    shipped models."""
+class Run(NamedTuple):
+    name: str
+    meta: dict  # the card's metrics entry: protocol and command
+    tsv: Path
+    splitz: bool  # False: the smoothing baseline (split at the input)
+
+
+def runs() -> dict[tuple[str, float], list[Run]]:
+    """(data set, sigma) -> the evaluation runs of the shipped models."""
     out = defaultdict(list)
     for card in checkpoint.list_cards(ROOT / "models"):
         for key, m in card.metrics.items():
             if isinstance(m, dict) and "tsv" in m:
                 group = (m.get("data", card.dataset), card.sigma)
-                out[group].append((f"{card.id} ({key})", m, ROOT / "models" / card.id / m["tsv"],
-                                   card.split != "input"))
+                out[group].append(Run(f"{card.id} ({key})", m,
+                                      ROOT / "models" / card.id / m["tsv"], card.split != "input"))
     return dict(sorted(out.items()))
 
 
-def versus(group: list, summaries: dict[str, evaluate.Summary]) -> list[str]:
+def versus(group: list[Run], summaries: dict[str, evaluate.Summary]) -> list[str]:
     """Best SPLITZ run minus best baseline run at each radius, when both were evaluated on the
     same images with the same n."""
-    protocols = {(m["every"], m["images"], m["n"]) for _, m, _, _ in group}
-    sides = [[summaries[name] for name, _, _, is_splitz in group if is_splitz == want]
-             for want in (True, False)]
+    protocols = {(r.meta["every"], r.meta["images"], r.meta["n"]) for r in group}
+    sides = [[summaries[r.name] for r in group if r.splitz == want] for want in (True, False)]
     if len(protocols) != 1 or not all(sides):
         return []
     best = [{r: max(s.certified_accuracy[r] for s in side) for r in evaluate.RADII}
@@ -58,14 +64,14 @@ def main() -> None:
              "JPEG-compressed: cifar10-exact1000 and cifar10-jpeg1000 are the same images "
              "with exact and JPEG pixels.", ""]
     for (data, sigma), group in runs().items():
-        summaries = {name: evaluate.summarize(evaluate.read_tsv(tsv)) for name, _, tsv, _ in group}
+        summaries = {r.name: evaluate.summarize(evaluate.read_tsv(r.tsv)) for r in group}
         png = DOCS / f"results-{data}-s{sigma}.png"
-        evaluate.plot({name: tsv for name, _, tsv, _ in group}, png)
+        evaluate.plot({r.name: r.tsv for r in group}, png)
         lines += [f"## {data}, σ = {sigma}", "", evaluate.markdown_table(summaries), ""]
         lines += versus(group, summaries)
         lines += ["| run | test images | n0 | n | α | command |", "|---|---|---|---|---|---|"]
-        lines += [f"| {name} | {m['images']} (every {m['every']}) | {m['n0']} | {m['n']:,} | "
-                  f"{m['alpha']} | `{m['command']}` |" for name, m, _, _ in group]
+        lines += [f"| {r.name} | {r.meta['images']} (every {r.meta['every']}) | {r.meta['n0']} | "
+                  f"{r.meta['n']:,} | {r.meta['alpha']} | `{r.meta['command']}` |" for r in group]
         lines += ["", f"![certified accuracy, {data}, σ = {sigma}]({png.name})", ""]
     lines += experiments()
     (DOCS / "results.md").write_text("\n".join(lines))
