@@ -53,11 +53,11 @@ def f2_flops(smooth: Smooth) -> float:
 def engine_rate(smooth: Smooth, x: torch.Tensor, n: int) -> float:
     """Noise samples per second through the engine's sampler (f1 once, f2 in batches)."""
     z = smooth._features(x[None])
-    gens = smooth._generators([0])
+    streams = smooth._streams([0])
     with torch.inference_mode():
-        smooth.sample_counts(z, min(n, smooth.batch_size), gens)  # warm up
+        smooth.sample_counts(z, min(n, smooth.batch_size), streams)  # warm up
         t = time.perf_counter()
-        smooth.sample_counts(z, n, gens)  # ends with .cpu(): synchronized
+        smooth.sample_counts(z, n, streams)  # ends with .cpu(): synchronized
     return n / (time.perf_counter() - t)
 
 
@@ -65,12 +65,12 @@ def noise_seconds(smooth: Smooth, x: torch.Tensor, batch: int, repeat: int = 20)
     """Seconds per sample to draw the split's Gaussian noise alone, as the sampler does."""
     z = smooth._features(x[None])
     buf = torch.empty(batch, *z.shape[1:], device=smooth.device)
-    gen = smooth._generators([0])[0]
+    stream = smooth._streams([0])[0]
     best = float("inf")
     for _ in range(repeat):
         _sync(smooth.device)
         t = time.perf_counter()
-        smooth.draw_noisy(buf, z[0], gen)
+        smooth.draw_noisy([(buf, z[0], stream)])
         _sync(smooth.device)
         best = min(best, (time.perf_counter() - t) / batch)
     return best
