@@ -36,19 +36,25 @@ def runs() -> dict[tuple[str, float], list[Run]]:
 
 
 def versus(group: list[Run], summaries: dict[str, evaluate.Summary]) -> list[str]:
-    """Best SPLITZ run minus best baseline run at each radius, when both were evaluated on the
-    same images with the same n."""
-    protocols = {(r.meta["every"], r.meta["images"], r.meta["n"]) for r in group}
-    sides = [[summaries[r.name] for r in group if r.splitz == want] for want in (True, False)]
-    if len(protocols) != 1 or not all(sides):
+    """Best SPLITZ run minus best baseline run at each radius, for each protocol (images, n)
+    on which both were evaluated."""
+    head = "| protocol | " + " | ".join(f"ε={r:g}" for r in evaluate.RADII) + " |"
+    rows = []
+    for every, images, n in sorted({(r.meta["every"], r.meta["images"], r.meta["n"])
+                                    for r in group}):
+        same = [r for r in group if (r.meta["every"], r.meta["images"], r.meta["n"]) ==
+                (every, images, n)]
+        sides = [[summaries[r.name] for r in same if r.splitz == want] for want in (True, False)]
+        if not all(sides):
+            continue
+        best = [{r: max(s.certified_accuracy[r] for s in side) for r in evaluate.RADII}
+                for side in sides]
+        cells = " | ".join(f"{100 * (best[0][r] - best[1][r]):+.1f}" for r in evaluate.RADII)
+        rows.append(f"| {images} images (every {every}), n = {n:,} | {cells} |")
+    if not rows:
         return []
-    best = [{r: max(s.certified_accuracy[r] for s in side) for r in evaluate.RADII}
-            for side in sides]
-    cells = " | ".join(f"{100 * (best[0][r] - best[1][r]):+.1f}" for r in evaluate.RADII)
-    head = "| | " + " | ".join(f"ε={r:g}" for r in evaluate.RADII) + " |"
     return ["Best SPLITZ run minus best baseline run (percentage points; positive: SPLITZ "
-            "ahead):", "", head, "|" + "---|" * (len(evaluate.RADII) + 1),
-            f"| SPLITZ − baseline | {cells} |", ""]
+            "ahead):", "", head, "|" + "---|" * (len(evaluate.RADII) + 1), *rows, ""]
 
 
 def main() -> None:
