@@ -10,10 +10,11 @@ whole network, one image at a time, batch 400, noise drawn on the CPU, counting 
 into the model card, where the engine, evaluation and workers take it from.
 """
 
-import argparse
+import argparse  # noqa: I001  (splitz before torch: it sets the OpenMP spin torch loads with)
 import json
 import time
 
+import splitz  # noqa: F401
 import torch
 from torch.utils.flop_counter import FlopCounterMode
 
