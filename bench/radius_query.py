@@ -8,9 +8,10 @@ and stops when decided. Prints a JSON line per radius and overall: mean samples 
 included on both sides) as a share of the fixed n0 + n, and how many answers changed.
 """
 
-import argparse
+import argparse  # noqa: I001  (splitz before torch: it sets the OpenMP spin torch loads with)
 import json
 
+import splitz  # noqa: F401
 import torch
 from tqdm import tqdm
 

@@ -13,7 +13,7 @@ then a table; overhead = 1 - service images/s / the engine's just before; idle =
 the workers' time not spent in the engine (answers' time_s), which the drift does not move.
 """
 
-import argparse
+import argparse  # noqa: I001  (splitz before torch: it sets the OpenMP spin torch loads with)
 import json
 import os
 import statistics
@@ -22,6 +22,7 @@ import threading
 import time
 from pathlib import Path
 
+import splitz  # noqa: F401
 import torch
 
 from app.client import Client
