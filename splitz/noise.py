@@ -10,6 +10,7 @@ and no two blocks of one image share a seed (torch's CPU seeds are 32-bit: an im
 2^32 blocks). On a GPU one device generator draws each chunk (the device is already parallel).
 """
 
+import os
 from concurrent.futures import ThreadPoolExecutor
 from functools import cache
 
@@ -49,7 +50,7 @@ def fill_normal(blocks: list[tuple[Tensor, torch.Generator]]) -> None:
         for block in blocks:
             _draw(block)
     else:
-        list(_pool(torch.get_num_threads()).map(_draw, blocks))
+        list(_pool(torch.get_num_threads(), os.getpid()).map(_draw, blocks))
 
 
 def _draw(block: tuple[Tensor, torch.Generator]) -> None:
@@ -59,5 +60,6 @@ def _draw(block: tuple[Tensor, torch.Generator]) -> None:
 
 
 @cache
-def _pool(threads: int) -> ThreadPoolExecutor:
+def _pool(threads: int, pid: int) -> ThreadPoolExecutor:
+    """One pool per thread count and process (a forked child has the pool but not its threads)."""
     return ThreadPoolExecutor(threads, thread_name_prefix="noise")

@@ -1,5 +1,8 @@
 """The sampler's noise: the same draws on any thread count, fresh seeds, standard normal."""
 
+import multiprocessing
+import os
+
 import pytest
 import torch
 from scipy import stats
@@ -55,3 +58,20 @@ def test_draws_are_independent_standard_normals(threads):
     for a, b in [(draws[:-1], draws[1:]), (draws[:, :-1], draws[:, 1:])]:
         r = torch.corrcoef(torch.stack([a.flatten(), b.flatten()]))[0, 1]
         assert abs(float(r)) < 5 / a.numel() ** 0.5
+
+
+def _child_draws(expected: torch.Tensor) -> None:
+    torch.set_num_threads(2)
+    os._exit(0 if torch.equal(noise(7, [100]), expected) else 1)
+
+
+def test_a_forked_child_draws_on_its_own_threads(threads):
+    threads(2)
+    expected = noise(7, [100])  # the parent's pool now exists; its threads do not fork
+    child = multiprocessing.get_context("fork").Process(target=_child_draws, args=(expected,))
+    child.start()
+    child.join(timeout=60)
+    hung = child.is_alive()  # waiting forever on the parent's pool
+    if hung:
+        child.kill()
+    assert not hung and child.exitcode == 0
