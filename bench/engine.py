@@ -178,7 +178,8 @@ def main() -> None:
         print(f"{name:<30}{r['samples_per_s']:>12}{r['s_per_image_100k']:>14}"
               f"{r['speedup']:>8}{100 * r['fraction_of_peak']:>10.1f}%")
     if args.record:
-        own = [r for r in rows if r.get("precision") == loaded.card.precision and "batch" in r]
+        own = [r for r in rows
+               if r["figure"] == "engine" and r["precision"] == loaded.card.precision]
         card = checkpoint.read_card(args.model)  # fresh: the card may have changed meanwhile
         card.batch_size = max(own, key=lambda r: r["samples_per_s"])["batch"]
         checkpoint.write_card(card, args.model)
