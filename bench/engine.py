@@ -19,6 +19,7 @@ import torch
 from torch.utils.flop_counter import FlopCounterMode
 
 from splitz import Smooth, checkpoint, load_model
+from splitz.noise import NoiseStream
 
 
 def matmul_peak(dtype: torch.dtype, device: str, size: int = 2048, seconds: float = 2.0,
@@ -64,21 +65,27 @@ def engine_rate(smooth: Smooth, x: torch.Tensor, n: int) -> float:
 
 def noise_seconds(smooth: Smooth, x: torch.Tensor, batch: int) -> float:
     """Seconds per sample to draw the split's Gaussian noise alone, as the sampler does."""
-    z = smooth._features(x[None])
-    buf = torch.empty(batch, *z.shape[1:], device=smooth.device)
-    stream = smooth._streams([0])[0]
-    return _best(lambda: smooth.draw_noisy([(buf, z[0], stream)]), smooth.device) / batch
+    buf, z, stream = _noisy_batch(smooth, x, batch)
+    return _best(lambda: smooth.draw_noisy([(buf, z, stream)]), smooth.device) / batch
 
 
 def f2_seconds(smooth: Smooth, x: torch.Tensor, batch: int) -> float:
     """Seconds per sample of f2 alone on a noisy batch, as the sampler calls it: the engine's
     speed if drawing the noise were free."""
-    z = smooth._features(x[None])
-    buf = torch.empty(batch, *z.shape[1:], device=smooth.device)
-    smooth.draw_noisy([(buf, z[0], smooth._streams([0])[0])])
+    buf = _noisy_batch(smooth, x, batch)[0]
     noisy = buf.to(smooth.dtype, memory_format=torch.channels_last)
     with torch.inference_mode():
         return _best(lambda: smooth.f2(noisy).argmax(dim=1), smooth.device) / batch
+
+
+def _noisy_batch(smooth: Smooth, x: torch.Tensor,
+                 batch: int) -> tuple[torch.Tensor, torch.Tensor, NoiseStream]:
+    """A batch of noisy features of x as the sampler draws them, its z and noise stream."""
+    z = smooth._features(x[None])[0]
+    buf = torch.empty(batch, *z.shape, device=smooth.device)
+    stream = smooth._streams([0])[0]
+    smooth.draw_noisy([(buf, z, stream)])
+    return buf, z, stream
 
 
 def _best(step, device: torch.device, repeat: int = 20) -> float:
@@ -136,24 +143,22 @@ def main() -> None:
                       for d in (torch.float32, torch.bfloat16))
     emit(figure="matmul_peak_gflops", device=_name(args.device), float32=round(peak32, 1),
          bfloat16=round(peak16, 1))
-    flops = f2_flops(Smooth.from_checkpoint(loaded))
+    base = Smooth.from_checkpoint(loaded, device=args.device, precision="float32")
+    flops = f2_flops(base)
     emit(figure="f2_flops_per_sample", value=flops)
     # Drawing the noise is work f2's FLOPs do not count: with f2 at the float32 peak, the
     # engine could reach at most this fraction of it.
-    noise = noise_seconds(Smooth.from_checkpoint(loaded, device=args.device), x,
-                          loaded.card.batch_size)
+    noise = noise_seconds(base, x, loaded.card.batch_size)
     at_peak = flops / (peak32 * 1e9)
     emit(figure="noise", us_per_sample=round(noise * 1e6, 1),
          ceiling_fraction_of_peak=round(at_peak / (at_peak + noise), 3))
     # f2's own kernels (oneDNN convolutions) can beat the GEMM peak: the f2-only rate is the
     # engine's other ceiling.
-    alone = f2_seconds(Smooth.from_checkpoint(loaded, device=args.device), x,
-                       loaded.card.batch_size)
+    alone = f2_seconds(base, x, loaded.card.batch_size)
     emit(figure="f2_alone", precision="float32", batch=loaded.card.batch_size,
          us_per_sample=round(alone * 1e6, 1), gflops=round(flops / alone / 1e9, 1),
          fraction_of_peak=round(flops / alone / 1e9 / peak32, 3))
-    ref = reference_rate(Smooth.from_checkpoint(loaded, device=args.device), x,
-                         args.n if gpu else min(args.n, 4000))
+    ref = reference_rate(base, x, args.n if gpu else min(args.n, 4000))
     emit(figure="reference", precision="float32", samples_per_s=round(ref),
          s_per_image_100k=round(1e5 / ref, 2), speedup=1.0,
          fraction_of_peak=round(flops * ref / 1e9 / peak32, 3))
