@@ -39,11 +39,11 @@ def versus(group: list[Run], summaries: dict[str, evaluate.Summary]) -> list[str
     """Best SPLITZ run minus best baseline run at each radius, for each protocol (images, n)
     on which both were evaluated."""
     head = "| protocol | " + " | ".join(f"ε={r:g}" for r in evaluate.RADII) + " |"
+    by_protocol = defaultdict(list)
+    for r in group:
+        by_protocol[(r.meta["every"], r.meta["images"], r.meta["n"])].append(r)
     rows = []
-    for every, images, n in sorted({(r.meta["every"], r.meta["images"], r.meta["n"])
-                                    for r in group}):
-        same = [r for r in group if (r.meta["every"], r.meta["images"], r.meta["n"]) ==
-                (every, images, n)]
+    for (every, images, n), same in sorted(by_protocol.items()):
         sides = [[summaries[r.name] for r in same if r.splitz == want] for want in (True, False)]
         if not all(sides):
             continue
