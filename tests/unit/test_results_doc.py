@@ -1,0 +1,57 @@
+"""docs/make_results.py compares SPLITZ with the baseline only on shared protocols."""
+
+import importlib.util
+from pathlib import Path
+
+import pytest
+
+from splitz import evaluate
+
+SCRIPT = Path(__file__).resolve().parents[2] / "docs" / "make_results.py"
+
+
+@pytest.fixture(scope="module")
+def results():
+    spec = importlib.util.spec_from_file_location("make_results", SCRIPT)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def _run(results, tmp_path: Path, name: str, radii: list[float], splitz: bool,
+         every: int = 10, n: int = 100_000):
+    tsv = tmp_path / f"{name}.tsv"
+    rows = ["idx\tlabel\tpredict\tradius\tcorrect\ttime\tL\tpA_lower"]
+    rows += [f"{i}\t0\t0\t{r}\t{int(r > 0)}\t1.0\t1.0\t0.9" for i, r in enumerate(radii)]
+    tsv.write_text("\n".join(rows) + "\n")
+    meta = {"every": every, "images": len(radii), "n": n, "data": "mnist", "n0": 100,
+            "alpha": 0.001, "command": "splitz evaluate"}
+    return results.Run(name, meta, tsv, splitz)
+
+
+def test_difference_uses_the_best_run_of_each_side_per_protocol(results, tmp_path):
+    group = [_run(results, tmp_path, "splitz-a", [2.0, 0.0], True),
+             _run(results, tmp_path, "splitz-b", [0.3, 0.3], True),
+             _run(results, tmp_path, "cohen", [1.0, 1.0], False),
+             _run(results, tmp_path, "cohen-other", [3.0, 3.0], False, n=10_000)]
+    summaries = {r.name: evaluate.summarize(evaluate.read_tsv(r.tsv)) for r in group}
+    best = results.best_by_protocol(group, summaries)
+    assert list(best) == ["2 images (every 10), n = 100,000"]  # n = 10,000 has no SPLITZ run
+    splitz, base = best["2 images (every 10), n = 100,000"]
+    assert splitz[0.25] == 1.0 and splitz[1.5] == 0.5  # splitz-b at 0.25, splitz-a at 1.5
+    assert base[0.25] == 1.0 and base[1.5] == 0.0
+    row = results.versus(group, summaries)[4]
+    assert row.startswith("| 2 images (every 10), n = 100,000 | +0.0 | +0.0 |")
+    assert "| +50.0 |" in row
+
+
+def test_published_rows_sit_beside_the_measured_ones(results, tmp_path):
+    group = [_run(results, tmp_path, "splitz", [2.0, 0.0], True),
+             _run(results, tmp_path, "cohen", [1.0, 1.0], False)]
+    summaries = {r.name: evaluate.summarize(evaluate.read_tsv(r.tsv)) for r in group}
+    lines = results.published({("mnist", 1.0): group}, summaries)
+    table = "\n".join(lines)
+    assert "| SPLITZ, published |  |  |  |  | 83.1 | 75.9 | 66.2 | 54.3 | 40.5 |" in table
+    assert ("| SPLITZ, here: 2 images (every 10), n = 100,000 | 50.0 | 50.0 | 50.0 | 50.0 | "
+            "50.0 | 50.0 | 50.0 | 0.0 | 0.0 |") in table
+    assert "| baseline, here: 2 images (every 10), n = 100,000 | 100.0 |" in table
