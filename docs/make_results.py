@@ -154,16 +154,16 @@ def locality(groups: dict[tuple[str, float], list[Run]]) -> list[str]:
              "(a channel without one is constant on these images), and the mean L_γ(x).", "",
              f"| model | σ | global L | units that can change, {head} | channels used | "
              f"mean L_γ, {head} |", "|---|---|---|---|---|---|"]
-    largest: dict[Path, tuple[Run, float]] = {}  # model directory -> its largest run, sigma
-    for (_, sigma), group in groups.items():
+    largest: dict[Path, tuple[Run, str, float]] = {}  # model -> its largest run, data, sigma
+    for (dataset, sigma), group in groups.items():
         for r in group:
             known = largest.get(r.tsv.parent)
             if r.splitz and (known is None or r.meta["images"] > known[0].meta["images"]):
-                largest[r.tsv.parent] = r, sigma
-    for directory, (run, sigma) in sorted(largest.items()):
+                largest[r.tsv.parent] = r, dataset, sigma
+    for directory, (run, dataset, sigma) in sorted(largest.items()):
         model = checkpoint.load(directory).model
         bound = F1Bound(model.f1, model.input_shape)
-        test = datasets.load(run.meta["data"], train=False)
+        test = datasets.load(dataset, train=False)
         xs = torch.stack([test[i][0] for i in
                           range(0, len(test), run.meta["every"])[:LOCALITY_IMAGES]])
         u = bound.preactivation(xs)
