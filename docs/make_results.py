@@ -8,6 +8,7 @@ numbers typed in are the published targets of DESIGN.md §2.
 """
 
 from collections import defaultdict
+from functools import cache
 from pathlib import Path
 from typing import NamedTuple
 
@@ -53,7 +54,7 @@ def runs() -> dict[tuple[str, float], list[Run]]:
 
 def best_by_protocol(group: list[Run], summaries: dict[str, evaluate.Summary]
                      ) -> dict[str, tuple[dict[float, float], dict[float, float]]]:
-    """Protocol (images, every, n) -> the best SPLITZ and the best baseline certified accuracy
+    """Protocol (every, images, n) -> the best SPLITZ and the best baseline certified accuracy
     at each radius, for the protocols on which both were evaluated."""
     by_protocol = defaultdict(list)
     for r in group:
@@ -69,8 +70,8 @@ def best_by_protocol(group: list[Run], summaries: dict[str, evaluate.Summary]
 
 
 def versus(group: list[Run], summaries: dict[str, evaluate.Summary]) -> list[str]:
-    """Best SPLITZ run minus best baseline run at each radius, for each protocol (images, n)
-    on which both were evaluated."""
+    """Best SPLITZ run minus best baseline run at each radius, for each protocol (every,
+    images, n) on which both were evaluated."""
     head = "| protocol | " + " | ".join(f"ε={r:g}" for r in evaluate.RADII) + " |"
     rows = [f"| {protocol} | " + " | ".join(f"{100 * (splitz[r] - base[r]):+.1f}"
                                              for r in evaluate.RADII) + " |"
@@ -160,16 +161,17 @@ def locality(groups: dict[tuple[str, float], list[Run]]) -> list[str]:
             known = largest.get(r.tsv.parent)
             if r.splitz and (known is None or r.meta["images"] > known[0].meta["images"]):
                 largest[r.tsv.parent] = r, dataset, sigma
+    test_set = cache(datasets.load)  # several models share a data set: read it once
     for directory, (run, dataset, sigma) in sorted(largest.items()):
         model = checkpoint.load(directory).model
         bound = F1Bound(model.f1, model.input_shape)
-        test = datasets.load(dataset, train=False)
+        test = test_set(dataset, train=False)
         xs = torch.stack([test[i][0] for i in
                           range(0, len(test), run.meta["every"])[:LOCALITY_IMAGES]])
         u = bound.preactivation(xs)
         masks = [bound.can_change(u, torch.full((len(xs),), g, dtype=torch.float64))
                  for g in GAMMAS]
-        used = int(masks[0].any(dim=3).any(dim=2).any(dim=0).sum())
+        used = int(masks[0].any(dim=(0, 2, 3)).sum())  # channels with a unit that can change
         mean_l = [bound.local(xs, g).mean() for g in GAMMAS]
         lines.append(f"| {directory.name} | {sigma} | {bound.global_bound:.3f} | "
                      + " / ".join(f"{100 * m.double().mean():.1f} %" for m in masks)
