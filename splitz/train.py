@@ -1,10 +1,12 @@
 """Training: the SPLITZ objective (noise at the split + local-Lipschitz penalty on f1) and the
-randomized-smoothing baseline (split at the input: Gaussian augmentation), from the same loop.
+randomized-smoothing baseline (split at the input: noise on the pixels), from the same loop.
 
-loss = (1 - kappa) CE(f2(f1(x) + delta), y) + kappa L_bar   when L_bar > theta, else the CE,
-with L_bar the batch mean of a (differentiable, power-iteration) estimate of f1's local Lipschitz
-constant on B(x, gamma); kappa ramps kappa_start -> kappa_end and gamma 0 -> gamma_end.
-The estimate only steers training; certificates use the sound bounds of lipschitz.py.
+loss = (1 - kappa) R + kappa L_bar   when L_bar > theta, else R,
+with R the recipe's loss on m noisy copies f2(f1(x) + delta_k) (recipes.py: Gaussian
+augmentation or consistency regularization), L_bar the batch mean of a (differentiable,
+power-iteration) estimate of f1's local Lipschitz constant on B(x, gamma); kappa ramps
+kappa_start -> kappa_end and gamma 0 -> gamma_end. The estimate only steers training;
+certificates use the sound bounds of lipschitz.py.
 """
 
 import json
@@ -12,16 +14,16 @@ import shlex
 import sys
 import time
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal, Self
 
 import torch
 import torch.nn.functional as F
-from pydantic import BaseModel, Field
+from pydantic import BaseModel, Field, model_validator
 from torch import Tensor
 from torch.utils.data import DataLoader, Subset
 from tqdm import tqdm
 
-from . import checkpoint, data
+from . import checkpoint, data, recipes
 from .nets import SplitModel, create_model
 
 STATE = "train_state.pt"
@@ -40,6 +42,14 @@ class TrainConfig(BaseModel):
     lr: float = Field(0.01, gt=0)
     momentum: float = 0.9
     weight_decay: float = 1e-4
+    nesterov: bool = True
+    schedule: Literal["onecycle", "step", "cosine"] = "onecycle"  # stepped every batch
+    lr_step_epochs: int = Field(30, ge=1)  # "step": lr *= lr_gamma every lr_step_epochs
+    lr_gamma: float = Field(0.1, gt=0)
+    recipe: Literal[recipes.RECIPES] = "gaussian"
+    noise_copies: int = Field(1, ge=1)  # m noisy copies of each image per step
+    consistency_lambda: float = Field(10.0, ge=0)
+    consistency_eta: float = Field(0.5, ge=0)
     theta: float = 0.5  # penalty threshold on the local Lipschitz estimate
     kappa_start: float = 1.0
     kappa_end: float = 0.7
@@ -52,15 +62,20 @@ class TrainConfig(BaseModel):
     data_root: Path | None = None
     description: str = ""
 
+    @model_validator(mode="after")
+    def _copies_for_recipe(self) -> Self:
+        if self.recipe == "consistency" and self.noise_copies < 2:
+            raise ValueError("recipe 'consistency' needs noise_copies >= 2")
+        return self
+
 
 def train(cfg: TrainConfig, command: str | None = None) -> Path:
     """Train, checkpointing every epoch (resumable after a kill), then write weights and card."""
     torch.manual_seed(cfg.seed)
     model = create_model(cfg.arch, cfg.dataset, cfg.split, cfg.sigma, **cfg.arch_kwargs)
     opt = torch.optim.SGD(model.parameters(), lr=cfg.lr, momentum=cfg.momentum,
-                          weight_decay=cfg.weight_decay, nesterov=True)
-    sched = torch.optim.lr_scheduler.OneCycleLR(
-        opt, max_lr=cfg.lr, total_steps=cfg.epochs * len(_loader(cfg, train=True)))
+                          weight_decay=cfg.weight_decay, nesterov=cfg.nesterov)
+    sched = _scheduler(cfg, opt, len(_loader(cfg, train=True)))
     start_epoch, elapsed = _resume(cfg, model, opt, sched)
     for epoch in range(start_epoch, cfg.epochs):
         t0 = time.perf_counter()
@@ -79,6 +94,28 @@ def train(cfg: TrainConfig, command: str | None = None) -> Path:
         metrics={"clean_accuracy_noisy": acc},
     )
     return checkpoint.save(model, card, cfg.out)
+
+
+def _scheduler(cfg: TrainConfig, opt: torch.optim.Optimizer, steps_per_epoch: int):
+    total = cfg.epochs * steps_per_epoch
+    if cfg.schedule == "onecycle":
+        return torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=cfg.lr, total_steps=total)
+    if cfg.schedule == "cosine":
+        return torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=total)
+    return torch.optim.lr_scheduler.StepLR(opt, cfg.lr_step_epochs * steps_per_epoch, cfg.lr_gamma)
+
+
+def noisy_logits(model: SplitModel, x: Tensor, m: int) -> Tensor:
+    """f2(f1(x) + delta_k) for m independent noise draws, stacked copy-major (recipes.py)."""
+    z = model.f1(x).repeat(m, *([1] * (x.dim() - 1)))
+    return model.f2(z + model.sigma * torch.randn_like(z))
+
+
+def recipe_loss(cfg: TrainConfig, logits: Tensor, y: Tensor) -> Tensor:
+    if cfg.recipe == "consistency":
+        return recipes.consistency_loss(logits, y, cfg.noise_copies, cfg.consistency_lambda,
+                                        cfg.consistency_eta)
+    return recipes.gaussian_loss(logits, y, cfg.noise_copies)
 
 
 def lipschitz_estimate(model: SplitModel, x: Tensor, gamma: float, iters: int,
@@ -133,22 +170,24 @@ def _epoch(cfg: TrainConfig, model: SplitModel, opt, sched, epoch: int) -> dict[
     loader = _loader(cfg, train=True)
     bar = tqdm(loader, desc=f"epoch {epoch + 1}", unit="batch", leave=False)
     for x, y in bar:
-        logits = model(x, noise=True)
-        ce = F.cross_entropy(logits, y)
-        loss, lip = ce, torch.zeros(())
+        logits = noisy_logits(model, x, cfg.noise_copies)
+        y_all = y.repeat(cfg.noise_copies)
+        ce = F.cross_entropy(logits.detach(), y_all)
+        loss = objective = recipe_loss(cfg, logits, y)
+        lip = torch.zeros(())
         if penalize:
             lip = lipschitz_estimate(model, x, gamma, cfg.power_iters,
                                      cfg.mask_temperature).mean()
             if lip.item() > cfg.theta:
-                loss = (1 - kappa) * ce + kappa * lip
+                loss = (1 - kappa) * objective + kappa * lip
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()
         sched.step()
         for k, v in (("loss", loss), ("ce", ce), ("lip", lip),
-                     ("acc", (logits.argmax(1) == y).float().mean())):
+                     ("acc", (logits.argmax(1) == y_all).float().mean())):
             sums[k] += float(v.detach())
-        bar.set_postfix(ce=f"{ce.item():.3f}", lip=f"{lip.item():.3f}")
+        bar.set_postfix(ce=f"{ce.item():.3f}", lip=f"{lip.item():.3f}", refresh=False)
     stats = {k: round(v / len(loader), 4) for k, v in sums.items()}
     if not penalize:  # the baseline: no penalty, no schedule to report
         return {k: stats[k] for k in ("loss", "ce", "acc")}

@@ -6,7 +6,8 @@ import torch
 from splitz.data import SPECS
 from splitz.nets import SPLITS, ClipReLU, Normalize, create_model, list_architectures
 
-SMALL = {"lenet": ("mnist", {}), "resnet": ("cifar10", {"depth": 8})}
+SMALL = {"lenet": ("mnist", {}), "lenet_small": ("mnist", {}),
+         "resnet": ("cifar10", {"depth": 8})}
 
 
 def test_every_architecture_has_a_test_config():
@@ -61,3 +62,10 @@ def test_unknown_names_are_refused(bad):
 def test_resnet_depth_must_be_6k_plus_2():
     with pytest.raises(ValueError, match="6k\\+2"):
         create_model("resnet", "cifar10", depth=21)
+
+
+def test_lenet_small_is_the_published_lenet():
+    """conv 1->20 5x5, pool, conv 20->50 5x5, pool, fc 800->500, fc 500->10: 431,080 weights."""
+    model = create_model("lenet_small", "mnist", "input", 0.5)
+    assert sum(p.numel() for p in model.parameters()) == 431_080
+    assert [m.out_features for m in model.f2 if isinstance(m, torch.nn.Linear)] == [500, 10]

@@ -3,6 +3,7 @@ import torch
 
 from splitz import checkpoint, train
 from splitz.lipschitz import F1Bound
+from splitz.nets import create_model
 
 
 def config(tmp_path, data_root, **over):
@@ -59,3 +60,42 @@ def test_lipschitz_estimate_is_below_the_sound_bound(lenet):
     sound = F1Bound(lenet.f1, lenet.input_shape).local(x, 0.05)
     assert (est.detach().double() <= sound).all()
     assert (est.detach().double() >= 0.9 * sound).all()
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("split", ["input", "conv1"])
+@pytest.mark.parametrize("recipe", ["gaussian", "consistency"])
+def test_each_recipe_trains_at_each_split(tmp_path, fake_mnist, recipe, split):
+    cfg = config(tmp_path, fake_mnist, arch="lenet_small", split=split, recipe=recipe,
+                 noise_copies=2, epochs=1, kappa_start=0.0, kappa_end=0.0)
+    loaded = checkpoint.load(train.train(cfg))
+    assert loaded.card.training["config"]["recipe"] == recipe
+    assert loaded.card.metrics["clean_accuracy_noisy"] > 0.1  # learnt something in one epoch
+
+
+def test_consistency_needs_two_copies_in_the_config(tmp_path):
+    with pytest.raises(ValueError, match="noise_copies >= 2"):
+        train.TrainConfig(id="t", out=tmp_path, recipe="consistency", noise_copies=1)
+
+
+@pytest.mark.parametrize("schedule", ["onecycle", "step", "cosine"])
+def test_schedules_decay_the_learning_rate(tmp_path, schedule):
+    cfg = train.TrainConfig(id="t", out=tmp_path, lr=0.1, epochs=4, lr_step_epochs=2,
+                            schedule=schedule)
+    opt = torch.optim.SGD([torch.zeros(1, requires_grad=True)], lr=cfg.lr)
+    sched, lrs = train._scheduler(cfg, opt, steps_per_epoch=10), []
+    for _ in range(40):
+        lrs.append(opt.param_groups[0]["lr"])
+        opt.step()
+        sched.step()
+    assert lrs[-1] <= 0.1 * max(lrs) + 1e-12
+    if schedule == "step":  # x0.1 after exactly two epochs (20 steps), flat in between
+        assert lrs[:20] == [0.1] * 20 and lrs[20] == pytest.approx(0.01)
+
+
+def test_noisy_copies_are_stacked_copy_major():
+    model = create_model("lenet_small", "mnist", "input", sigma=1e-6).eval()
+    x = torch.rand(3, 1, 28, 28)
+    logits = train.noisy_logits(model, x, 2)
+    a, b = logits.chunk(2)
+    assert torch.allclose(a, model(x), atol=1e-4) and torch.allclose(b, model(x), atol=1e-4)
