@@ -57,6 +57,7 @@ class TrainConfig(BaseModel):
     ramp_epochs: int = 5  # epochs over which kappa and gamma ramp
     power_iters: int = 5
     mask_temperature: float = 0.0  # > 0: a soft mask in the penalty (see lipschitz_estimate)
+    stability_weight: float = Field(0.0, ge=0)  # beta * stability_slack on B(x, gamma)
     train_limit: int | None = None  # use only the first N training images (quick models)
     seed: int = 0
     data_root: Path | None = None
@@ -118,6 +119,26 @@ def recipe_loss(cfg: TrainConfig, logits: Tensor, y: Tensor) -> Tensor:
     return recipes.gaussian_loss(logits, y, cfg.noise_copies)
 
 
+def unit_reach(model: SplitModel, x: Tensor, gamma: float) -> tuple[Tensor, Tensor]:
+    """f1's pre-activations u = conv(normalize(x)) and how far each can move on B(x, gamma):
+    reach_i = ||a_i||_2 gamma, with a_i the unit's row of A = W S^-1 (differentiable)."""
+    norm, conv, _ = model.f1
+    rows = (conv.weight / norm.std.view(1, -1, 1, 1)).flatten(1).norm(dim=1)
+    return conv(norm(x)), rows.view(1, -1, 1, 1) * gamma
+
+
+def stability_slack(model: SplitModel, x: Tensor, gamma: float) -> Tensor:
+    """Per image, the mean over f1's units of how far each is from being provably constant on
+    B(x, gamma): min(relu(u + reach), relu(t - u + reach)), zero iff the unit stays dead
+    (u + reach <= 0) or saturated (u - reach >= t) on the whole ball (the l2 analogue of the
+    ReLU-stability loss of Xiao et al., ICLR 2019). Only such units give the local bound of
+    lipschitz.py anything to gain over the global one."""
+    u, reach = unit_reach(model, x, gamma)
+    upper = model.f1[2].upper()
+    slack = torch.minimum(F.relu(u + reach), F.relu(upper - u + reach))
+    return slack.flatten(1).mean(1)
+
+
 def lipschitz_estimate(model: SplitModel, x: Tensor, gamma: float, iters: int,
                        temperature: float = 0.0) -> Tensor:
     """Per-image power-iteration estimate of ||M A||_2 (differentiable in the conv weight).
@@ -128,9 +149,7 @@ def lipschitz_estimate(model: SplitModel, x: Tensor, gamma: float, iters: int,
     rather than only shrinking the weights.
     """
     norm, conv, act = model.f1
-    u = conv(norm(x))
-    reach = (conv.weight / norm.std.view(1, -1, 1, 1)).flatten(1).norm(dim=1).view(1, -1, 1, 1)
-    reach = reach * gamma
+    u, reach = unit_reach(model, x, gamma)
     if temperature > 0:
         mask = torch.sigmoid((u + reach) / temperature) * torch.sigmoid(
             (act.upper() - u + reach) / temperature)
@@ -166,7 +185,7 @@ def _epoch(cfg: TrainConfig, model: SplitModel, opt, sched, epoch: int) -> dict[
     kappa = cfg.kappa_start + (cfg.kappa_end - cfg.kappa_start) * ramp
     gamma = cfg.gamma_end * ramp
     penalize = cfg.split != "input"
-    sums = {"loss": 0.0, "ce": 0.0, "lip": 0.0, "acc": 0.0}
+    sums = {"loss": 0.0, "ce": 0.0, "lip": 0.0, "stab": 0.0, "acc": 0.0}
     loader = _loader(cfg, train=True)
     bar = tqdm(loader, desc=f"epoch {epoch + 1}", unit="batch", leave=False)
     for x, y in bar:
@@ -174,17 +193,20 @@ def _epoch(cfg: TrainConfig, model: SplitModel, opt, sched, epoch: int) -> dict[
         y_all = y.repeat(cfg.noise_copies)
         ce = F.cross_entropy(logits.detach(), y_all)
         loss = objective = recipe_loss(cfg, logits, y)
-        lip = torch.zeros(())
+        lip = stab = torch.zeros(())
         if penalize:
             lip = lipschitz_estimate(model, x, gamma, cfg.power_iters,
                                      cfg.mask_temperature).mean()
             if lip.item() > cfg.theta:
                 loss = (1 - kappa) * objective + kappa * lip
+            if cfg.stability_weight:
+                stab = stability_slack(model, x, gamma).mean()
+                loss = loss + cfg.stability_weight * stab
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()
         sched.step()
-        for k, v in (("loss", loss), ("ce", ce), ("lip", lip),
+        for k, v in (("loss", loss), ("ce", ce), ("lip", lip), ("stab", stab),
                      ("acc", (logits.argmax(1) == y_all).float().mean())):
             sums[k] += float(v.detach())
         bar.set_postfix(ce=f"{ce.item():.3f}", lip=f"{lip.item():.3f}", refresh=False)

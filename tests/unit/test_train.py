@@ -1,7 +1,7 @@
 import pytest
 import torch
 
-from splitz import checkpoint, train
+from splitz import checkpoint, data, train
 from splitz.lipschitz import F1Bound
 from splitz.nets import create_model
 
@@ -99,3 +99,35 @@ def test_noisy_copies_are_stacked_copy_major():
     logits = train.noisy_logits(model, x, 2)
     a, b = logits.chunk(2)
     assert torch.allclose(a, model(x), atol=1e-4) and torch.allclose(b, model(x), atol=1e-4)
+
+
+def test_stability_slack_vanishes_exactly_where_the_sound_bound_sees_constant_units():
+    model = create_model("lenet_small", "mnist", "conv1", sigma=0.5).eval()
+    x = torch.rand(2, 1, 28, 28)
+    with torch.no_grad():
+        model.f1[1].bias.fill_(-50.0)  # every unit dead on B(x, 0.5)
+    bound = F1Bound(model.f1, model.input_shape)
+    assert train.stability_slack(model, x, 0.5).eq(0).all()
+    assert bound.local(x, 0.5).eq(0).all()
+    with torch.no_grad():
+        model.f1[1].bias.fill_(0.0)  # units in their linear band: slack, and L_gamma > 0
+    bound = F1Bound(model.f1, model.input_shape)
+    assert (train.stability_slack(model, x, 0.5) > 0).all()
+    assert (bound.local(x, 0.5) > 0).all()
+
+
+@pytest.mark.slow
+def test_stability_penalty_leaves_fewer_units_that_can_change(tmp_path, fake_mnist):
+    test = data.load("mnist", train=False, root=fake_mnist)
+
+    def changeable(weight):
+        cfg = config(tmp_path / str(weight), fake_mnist, arch="lenet_small", kappa_start=0.0,
+                     kappa_end=0.0, gamma_end=0.3, stability_weight=weight, epochs=3,
+                     batch_size=16, train_limit=256)
+        model = checkpoint.load(train.train(cfg)).model
+        bound = F1Bound(model.f1, model.input_shape)
+        x = torch.stack([test[i][0] for i in range(16)])
+        gamma = torch.full((16,), 0.3, dtype=torch.float64)
+        return bound.can_change(bound.preactivation(x), gamma).double().mean()
+
+    assert changeable(10.0) < 0.25 * changeable(0.0)
