@@ -1,4 +1,8 @@
-"""Reading user images: PNG or JPEG, exactly the model's size and mode, as a [0, 1] tensor."""
+"""Reading user images: PNG or JPEG, exactly the model's size and mode, as a [0, 1] tensor.
+
+The format, size and mode are read from the header and checked before any pixel is decoded, so
+an image's decoded size is bounded by the model's input whatever its file claims (a 20000x20000
+PNG of a few hundred KB is refused without allocating it)."""
 
 import io
 from pathlib import Path
@@ -11,7 +15,6 @@ from .errors import InputError
 
 FORMATS = ("PNG", "JPEG")
 MODES = {1: "L", 3: "RGB"}
-MAX_PIXELS = 4096 * 4096  # refuse decompression bombs before decoding
 
 
 def load_image(source: str | Path | bytes, shape: tuple[int, int, int],
@@ -22,25 +25,39 @@ def load_image(source: str | Path | bytes, shape: tuple[int, int, int],
         data = source if isinstance(source, bytes) else Path(source).read_bytes()
     except OSError as e:
         raise InputError(f"{name}: cannot read file ({e.strerror})") from None
+    x = torch.from_numpy(decode(data, shape, name).copy()).float() / 255.0
+    return x.unsqueeze(0) if shape[0] == 1 else x.permute(2, 0, 1)
+
+
+def canonical_png(data: bytes, shape: tuple[int, int, int], name: str) -> bytes:
+    """The image's pixels, checked as load_image checks them, as a plain PNG: what a job carries
+    to the workers (no metadata or padding, so its size is bounded by the model's input), and
+    load_image reads exactly the same pixels back."""
+    buf = io.BytesIO()
+    Image.fromarray(decode(data, shape, name)).save(buf, "PNG")
+    return buf.getvalue()
+
+
+def decode(data: bytes, shape: tuple[int, int, int], name: str) -> np.ndarray:
+    """The pixels, (H, W) or (H, W, 3) uint8, after the header checks."""
+    c, h, w = shape
     try:
         with Image.open(io.BytesIO(data)) as img:
             if img.format not in FORMATS:
                 raise InputError(f"{name}: {img.format or 'unknown'} image; use PNG or JPEG")
-            if img.width * img.height > MAX_PIXELS:
-                raise InputError(f"{name}: image too large ({img.width}x{img.height})")
+            if img.size != (w, h):
+                raise InputError(f"{name}: image is {img.width}x{img.height}, the model needs "
+                                 f"{w}x{h}")
+            if img.mode != MODES.get(c):
+                raise InputError(f"{name}: image mode {img.mode}, the model needs {MODES.get(c)}")
             img.load()
-            pixels, mode, size = np.asarray(img), img.mode, img.size
+            return np.asarray(img)
+    except Image.DecompressionBombError:  # Pillow's own limit, met in the header before ours
+        raise InputError(f"{name}: image too large, the model needs {w}x{h}") from None
     except UnidentifiedImageError:
         raise InputError(f"{name}: not a readable PNG/JPEG image") from None
     except (OSError, SyntaxError, ValueError) as e:
         raise InputError(f"{name}: not a readable PNG/JPEG image ({e})") from None
-    c, h, w = shape
-    if size != (w, h):
-        raise InputError(f"{name}: image is {size[0]}x{size[1]}, the model needs {w}x{h}")
-    if mode != MODES.get(c):
-        raise InputError(f"{name}: image mode {mode}, the model needs {MODES.get(c)}")
-    x = torch.from_numpy(pixels.copy()).float() / 255.0
-    return x.unsqueeze(0) if c == 1 else x.permute(2, 0, 1)
 
 
 def save_image(x: torch.Tensor, path: Path) -> None:

@@ -50,3 +50,54 @@ def test_bad_images_get_one_line_errors(data, shape, match):
 def test_missing_file(tmp_path):
     with pytest.raises(InputError, match="cannot read"):
         load_image(tmp_path / "nope.png", (1, 28, 28))
+
+
+def png_header(width: int, height: int) -> bytes:
+    """A PNG that claims width x height pixels in a few dozen bytes (a decompression bomb's
+    header: Pillow reads it without decoding anything)."""
+    import struct
+    import zlib
+
+    def chunk(kind: bytes, body: bytes) -> bytes:
+        return struct.pack(">I", len(body)) + kind + body + struct.pack(
+            ">I", zlib.crc32(kind + body))
+
+    ihdr = struct.pack(">IIBBBBB", width, height, 8, 0, 0, 0, 0)
+    return (b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", ihdr) + chunk(b"IDAT", zlib.compress(b""))
+            + chunk(b"IEND", b""))
+
+
+@pytest.mark.parametrize("size", [(20_000, 20_000), (4_000, 4_000), (29, 28)])
+def test_a_wrong_size_is_refused_from_the_header_before_decoding(monkeypatch, size):
+    from PIL import ImageFile
+
+    def no_decoding(self):
+        raise AssertionError("pixels decoded")
+
+    monkeypatch.setattr(ImageFile.ImageFile, "load", no_decoding)
+    with pytest.raises(InputError, match="28x28") as e:
+        load_image(png_header(*size), (1, 28, 28))
+    assert "\n" not in str(e.value)
+
+
+def test_canonical_png_keeps_the_pixels_and_drops_the_padding():
+    from splitz.images import canonical_png
+
+    jpeg = png("RGB", (32, 32), "JPEG")
+    assert torch.equal(load_image(canonical_png(jpeg, (3, 32, 32), "a"), (3, 32, 32)),
+                       load_image(jpeg, (3, 32, 32)))
+    buf = io.BytesIO()
+    Image.open(io.BytesIO(noisy_png())).save(buf, "PNG", pnginfo=_padding(2**20))
+    padded = buf.getvalue()
+    assert len(padded) > 2**20
+    small = canonical_png(padded, (1, 28, 28), "a")
+    assert len(small) < 2000
+    assert torch.equal(load_image(small, (1, 28, 28)), load_image(padded, (1, 28, 28)))
+
+
+def _padding(size: int):
+    from PIL.PngImagePlugin import PngInfo
+
+    info = PngInfo()
+    info.add_text("padding", "x" * size)
+    return info
