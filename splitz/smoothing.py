@@ -2,6 +2,7 @@
 
 import copy
 import math
+import secrets
 import time
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass
@@ -55,6 +56,7 @@ class Certificate:
     precision: str = "float32"  # of f2 as computed: the certificate is for that classifier
     certified: bool | None = None  # whether the requested radius is certified, if one was asked
     query_radius: float | None = None
+    seed_source: str = "client"  # see SEED_SOURCES
 
     @property
     def abstained(self) -> bool:
@@ -75,6 +77,7 @@ class Prediction:
     n: int
     alpha: float
     seed: int
+    seed_source: str = "client"  # see SEED_SOURCES
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -100,6 +103,7 @@ class RadiusAnswer:
     lipschitz: float
     alpha: float
     seed: int
+    seed_source: str = "client"  # see SEED_SOURCES
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -114,7 +118,8 @@ class Smooth:
     f1 runs once per image; the noise and f2 run in batches of `batch_size` samples, packing
     several images into one forward pass when their chunks are small. Image i of a call uses
     the seed `seed + i` (or seed[i] when `certify` gets a list), so a certificate is reproduced
-    by its own seed, alone, with the same batch size.
+    by its own seed, alone, with the same batch size. seed=None draws the seed from the OS's
+    secure generator (seed_source "random"); a seed the caller gives is "client" (SEED_SOURCES).
     """
 
     def __init__(self, model: SplitModel, batch_size: int = 1000, device: str = "cpu",
@@ -142,7 +147,7 @@ class Smooth:
                    loaded.sha256, precision or loaded.card.precision)
 
     def certify(self, x: Tensor, n0: int = 100, n: int = 100_000, alpha: float = 0.001,
-                seed: int | Sequence[int] = 0, radius: float | None = None,
+                seed: int | Sequence[int] | None = 0, radius: float | None = None,
                 progress: bool = False) -> list[Certificate]:
         """Cohen et al.'s CERTIFY at the split, then Theorem 1 for the input-space radius.
 
@@ -179,7 +184,8 @@ class Smooth:
                 n_a=int(n_a[i]), n=n, n0=n0, alpha=alpha, sigma=self.model.sigma,
                 lipschitz=float(r.lipschitz[i]), gamma=float(r.gamma[i]),
                 lipschitz_global=self.bound.global_bound, float_slack=float(r.float_slack[i]),
-                seed=seeds[i], batch_size=self.batch_size, time_s=elapsed,
+                seed=seeds[i], seed_source=_source(seed), batch_size=self.batch_size,
+                time_s=elapsed,
                 model_id=self.model_id, model_sha256=self.model_sha256, precision=self.precision,
                 certified=None if radius is None else (not abstain and rad >= radius),
                 query_radius=radius,
@@ -188,7 +194,7 @@ class Smooth:
 
     def query(self, x: Tensor, radius: float, alpha: float = 0.001, n0: int = 100,
               n_max: int = 100_000, first: int = 1000, growth: int = 2,
-              seed: int = 0) -> list[RadiusAnswer]:
+              seed: int | None = 0) -> list[RadiusAnswer]:
         """Is each image certified at `radius`? Samples in rounds of geometric size (first,
         first * growth, ... up to n_max) and stops as soon as the answer is decided.
 
@@ -207,7 +213,8 @@ class Smooth:
         answers = []
         with torch.inference_mode():
             z = self._features(x)
-            streams = self._streams(_seeds(len(x), seed))
+            seeds = _seeds(len(x), seed)
+            streams = self._streams(seeds)
             tops = self.sample_counts(z, n0, streams).argmax(dim=1)
             for i in range(len(x)):
                 p_star = float(norm.cdf((radius * lips[i] + slack[i]) / self.model.sigma))
@@ -217,7 +224,8 @@ class Smooth:
                 certified = low > p_star
                 answers.append(RadiusAnswer(
                     certified, int(tops[i]) if certified else None, radius, drawn, n0,
-                    looks.index(drawn) + 1, n_a, low, p_star, float(lips[i]), alpha, seed + i))
+                    looks.index(drawn) + 1, n_a, low, p_star, float(lips[i]), alpha, seeds[i],
+                    _source(seed)))
         return answers
 
     def _sequential(self, z: Tensor, stream: NoiseStream, top: int, looks: list[int],
@@ -233,20 +241,22 @@ class Smooth:
         return n_a, drawn, low
 
     def predict(self, x: Tensor, n: int = 10_000, alpha: float = 0.001,
-                seed: int = 0) -> list[Prediction]:
+                seed: int | None = 0) -> list[Prediction]:
         """Cohen et al.'s PREDICT: the top class if a two-sided binomial test against the runner-up
         rejects at level alpha, else abstain (None)."""
         _check_sampling(n, alpha)
         x = self._images(x)
         with torch.inference_mode():
             z = self._features(x)
-            counts = self.sample_counts(z, n, self._streams(_seeds(len(x), seed)))
+            seeds = _seeds(len(x), seed)
+            counts = self.sample_counts(z, n, self._streams(seeds))
         top2 = counts.topk(2, dim=1)
         out = []
         for i in range(len(x)):
             (n_a, n_b), (c_a, _) = top2.values[i].tolist(), top2.indices[i].tolist()
             p = binomial_pvalue(n_a, n_a + n_b)
-            out.append(Prediction(c_a if p <= alpha else None, n_a, n_b, p, n, alpha, seed + i))
+            out.append(Prediction(c_a if p <= alpha else None, n_a, n_b, p, n, alpha, seeds[i],
+                                  _source(seed)))
         return out
 
     def _features(self, x: Tensor) -> Tensor:
@@ -333,8 +343,22 @@ def _schedule(first: int, growth: int, n_max: int) -> list[int]:
     return looks
 
 
-def _seeds(count: int, seed: int | Sequence[int]) -> list[int]:
-    """Image i's seed: seed + i, or seed[i] when given one per image."""
+# Who chose a certificate's seed. "client": the caller, who could have tried K seeds and kept
+# the best answer (the guarantee is then only 1 - K alpha); "random": drawn here from the OS's
+# secure generator, so nobody could know the noise in advance or shop for it.
+SEED_SOURCES = ("client", "random")
+SEED_LIMIT = 2**62  # drawn seeds are below this; seed + i stays a valid torch seed
+
+
+def _source(seed: int | Sequence[int] | None) -> str:
+    return "random" if seed is None else "client"
+
+
+def _seeds(count: int, seed: int | Sequence[int] | None) -> list[int]:
+    """Image i's seed: seed + i, or seed[i] when given one per image; None: a secure random
+    seed + i."""
+    if seed is None:
+        seed = secrets.randbelow(SEED_LIMIT)
     if isinstance(seed, int):
         return [seed + i for i in range(count)]
     if len(seed) != count:

@@ -173,3 +173,18 @@ def test_bfloat16_f2_certifies_the_classifier_as_computed():
     assert model.f2[-1].weight.dtype == torch.float32  # the model itself is left as it was
     with pytest.raises(InputError, match="precision"):
         Smooth(model, precision="float8")
+
+
+def test_seed_none_draws_a_secure_seed_and_says_so():
+    smooth = Smooth(uniform_vote_model(), batch_size=100)
+    x = torch.zeros(2, 1, 1, 10)
+    drawn = smooth.certify(x, n0=10, n=200, seed=None)
+    assert [c.seed_source for c in drawn] == ["random", "random"]
+    assert drawn[1].seed == drawn[0].seed + 1 and drawn[0].seed != 0
+    again = smooth.certify(x[:1], n0=10, n=200, seed=drawn[0].seed)[0]
+    assert again.seed_source == "client" and again.n_a == drawn[0].n_a
+    assert smooth.certify(x[:1], n0=10, n=200, seed=None)[0].seed != drawn[0].seed
+    answer = smooth.query(x[:1], 0.0, n0=10, n_max=200, first=100, seed=None)[0]
+    pred = smooth.predict(x[:1], n=100, seed=None)[0]
+    assert (answer.seed_source, pred.seed_source) == ("random", "random")
+    assert smooth.predict(x[:1], n=100, seed=4)[0].seed_source == "client"
