@@ -69,3 +69,13 @@ def test_lenet_small_is_the_published_lenet():
     model = create_model("lenet_small", "mnist", "input", 0.5)
     assert sum(p.numel() for p in model.parameters()) == 431_080
     assert [m.out_features for m in model.f2 if isinstance(m, torch.nn.Linear)] == [500, 10]
+
+
+def test_resnet110_is_the_published_cifar_network():
+    """He et al.'s CIFAR ResNet-110 (the published smoothing tables' network): 54 basic blocks,
+    1,730,714 weights there; ours has a bias on conv1 (16) in place of its BatchNorm (32), so that
+    f1 = conv1 + clipped ReLU has a plain affine first layer to bound."""
+    model = create_model("resnet", "cifar10", "input", 0.5, depth=110)
+    blocks = [m for m in model.f2.modules() if m.__class__.__name__ == "BasicBlock"]
+    assert len(blocks) == 54
+    assert sum(p.numel() for p in model.parameters()) == 1_730_714 - 32 + 16
