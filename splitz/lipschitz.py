@@ -123,7 +123,8 @@ class F1Bound:
         if self.identity:
             return torch.ones(x.shape[0], dtype=torch.float64)
         mask = self.can_change(self.preactivation(x), gamma)
-        return torch.minimum(self.mask_norm(mask), torch.tensor(self.global_bound))
+        # clamp keeps the proven float64 bound: torch.tensor(float) would round it to float32
+        return self.mask_norm(mask).clamp(max=self.global_bound)
 
     def proves(self, mask: Tensor, limit: Tensor) -> Tensor:
         """Per mask: True where ||M A||_2 <= limit is proven (False: not proven)."""

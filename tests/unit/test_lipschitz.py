@@ -275,3 +275,18 @@ def test_float_slack_covers_rounding_to_float32_on_the_ball(make, scale):
             err = (z.float().double() - z).flatten(1).norm(dim=1)
             assert (err <= slack / 2).all()
     assert (slack < 1e-3).all()  # and it costs almost nothing
+
+
+def test_query_and_certify_paths_report_the_proven_float64_bound():
+    """Where every unit of f1 can change, L_gamma is the global bound: the query path (local)
+    must report the same float64 number as certify, never a float32 rounding below it."""
+    from splitz.images import load_image
+    from splitz.smoothing import Smooth
+
+    smooth = Smooth.from_checkpoint(checkpoint.load(SHIPPED_MNIST))
+    x = load_image(SHIPPED_MNIST.parents[1] / "examples" / "mnist-7-0000.png", (1, 28, 28))
+    local = smooth.bound.local(x[None], 100.0)
+    assert local.dtype == torch.float64 and local.item() == smooth.bound.global_bound
+    answer = smooth.query(x, radius=100.0, n0=10, n_max=100, first=100, seed=0)[0]
+    cert = smooth.certify(x, n0=10, n=100, seed=0)[0]
+    assert answer.lipschitz == cert.lipschitz_global == smooth.bound.global_bound
