@@ -2,18 +2,21 @@
 
 import argparse
 import json
+import math
 import shlex
 import sys
 from collections.abc import Sequence
+from decimal import ROUND_CEILING, ROUND_FLOOR, Decimal
 from pathlib import Path
 
 import torch
+from pydantic import ValidationError
 
 from . import checkpoint, data, evaluate
 from .errors import SplitzError
 from .images import load_image
 from .lipschitz import layer_profile
-from .smoothing import PRECISIONS, Smooth
+from .smoothing import PRECISIONS, SEED_LIMIT, Smooth
 from .train import TrainConfig, train
 
 
@@ -23,6 +26,11 @@ def main(argv: Sequence[str] | None = None) -> int:
         return args.run(args)
     except SplitzError as e:
         print(f"splitz: error: {e}", file=sys.stderr)
+        return 2
+    except ValidationError as e:  # a config file or SPLITZ_* variable with a bad value
+        first = e.errors()[0]
+        where = ".".join(map(str, first["loc"]))
+        print(f"splitz: error: invalid {e.title} {where}: {first['msg']}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print("splitz: interrupted", file=sys.stderr)
@@ -122,7 +130,8 @@ def _sampling_args(p: argparse.ArgumentParser, n: int) -> None:
     p.add_argument("--alpha", type=float, default=0.001, help="failure probability (0.001)")
     p.add_argument("--batch", type=_positive_int,
                    help="samples per forward pass (default: the model card's)")
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--seed", type=_seed, help="noise seed (default: drawn from the OS's secure "
+                   "generator; a chosen seed is recorded as seed_source=client)")
     p.add_argument("--device", default="cpu", help="cpu, cuda, cuda:1, ...")
     p.add_argument("--precision", choices=tuple(PRECISIONS),
                    help="f2's precision (default: the model card's)")
@@ -137,10 +146,75 @@ def _positive_int(text: str) -> int:
     return value
 
 
+def _seed(text: str) -> int:
+    value = int(text)
+    if not 0 <= value <= SEED_LIMIT:
+        raise argparse.ArgumentTypeError(f"must be in [0, {SEED_LIMIT}], got {text}")
+    return value
+
+
 def _load(args) -> tuple[Smooth, checkpoint.LoadedModel, torch.Tensor]:
     loaded = checkpoint.load(args.model)
     x = torch.stack([load_image(p, loaded.model.input_shape) for p in args.images])
-    return Smooth.from_checkpoint(loaded, args.batch, args.device, args.precision), loaded, x
+    smooth = Smooth.from_checkpoint(loaded, args.batch, args.device, args.precision)
+    _check_memory(smooth, x, max(args.n, getattr(args, "n0", 0)))
+    return smooth, loaded, x
+
+
+def _check_memory(smooth: Smooth, x: torch.Tensor, n: int) -> None:
+    """Refuse a batch whose forward pass cannot fit in this machine's available memory (a
+    --batch of 10^8 died in the allocator with a traceback)."""
+    samples = min(smooth.batch_size, n * len(x))  # a forward pass holds at most this many
+    need = samples * _bytes_per_sample(smooth, x[:1])
+    have = _available_memory()
+    if have is not None and need > have:
+        raise SplitzError(f"--batch {smooth.batch_size} needs {need / 2**30:.1f} GiB for one "
+                          f"forward pass; {have / 2**30:.1f} GiB available: use a smaller --batch")
+
+
+def _bytes_per_sample(smooth: Smooth, x: torch.Tensor) -> int:
+    """The noisy copy of f1(x) (float32) and every top-level output of f2 for one sample: an
+    upper estimate, since inference frees activations as it goes."""
+    z = smooth.bound.exact(x).float()
+    sizes = [z.numel() * 4]
+    hooks = [m.register_forward_hook(lambda _m, _i, out: sizes.append(
+        out.numel() * out.element_size())) for m in smooth.f2.children()]
+    try:
+        with torch.inference_mode():
+            smooth.f2(z.to(smooth.device, smooth.dtype))
+    finally:
+        for h in hooks:
+            h.remove()
+    return sum(sizes)
+
+
+def _available_memory() -> int | None:
+    """MemAvailable from /proc/meminfo in bytes (None where there is none)."""
+    try:
+        with open("/proc/meminfo") as f:
+            for line in f:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return None
+
+
+def _down(value: float, digits: int) -> str:
+    """`value` with `digits` decimals, rounded down exactly (radii and lower bounds: a printed
+    number never claims more than the certificate)."""
+    return _fixed(value, digits, ROUND_FLOOR)
+
+
+def _up(value: float, digits: int) -> str:
+    """Rounded up exactly (upper bounds such as L)."""
+    return _fixed(value, digits, ROUND_CEILING)
+
+
+def _fixed(value: float, digits: int, rounding: str) -> str:
+    if not math.isfinite(value):
+        return str(value)
+    return str(Decimal(value).quantize(Decimal(1).scaleb(-digits), rounding=rounding))
 
 
 def _certify(args) -> int:
@@ -154,8 +228,8 @@ def _certify(args) -> int:
             print(json.dumps({"image": str(path)} | c.to_dict()))
             continue
         label = "ABSTAIN" if c.abstained else classes[c.prediction]
-        row = [path.name, label, f"{c.radius:.4f}", f"{c.p_a_lower:.6f}", f"{c.n_a}/{c.n}",
-               f"{c.lipschitz:.4f}", f"{c.gamma:.4f}", f"{c.time_s:.1f}"]
+        row = [path.name, label, _down(c.radius, 4), _down(c.p_a_lower, 6), f"{c.n_a}/{c.n}",
+               _up(c.lipschitz, 4), _down(c.gamma, 4), f"{c.time_s:.1f}"]
         if args.radius is not None:
             row.append("yes" if c.certified else "no")
         rows.append(row)
@@ -166,7 +240,8 @@ def _certify(args) -> int:
         _table(head, rows)
         c = certs[0]
         print(f"model {c.model_id} sha256 {c.model_sha256[:16]}  sigma={c.sigma} "
-              f"n0={c.n0} n={c.n} alpha={c.alpha} seed={c.seed}  L_global={c.lipschitz_global:.4f}")
+              f"n0={c.n0} n={c.n} alpha={c.alpha} seed={c.seed} ({c.seed_source})  "
+              f"L_global={_up(c.lipschitz_global, 4)}")
     return 0
 
 
@@ -181,8 +256,8 @@ def _query(args) -> int:
             print(json.dumps({"image": str(path)} | a.to_dict()))
         rows.append([path.name, "yes" if a.certified else "no",
                      "-" if a.prediction is None else classes[a.prediction],
-                     f"{a.samples}/{args.n}", str(a.looks), f"{a.p_a_lower:.6f}",
-                     f"{a.p_needed:.6f}"])
+                     f"{a.samples}/{args.n}", str(a.looks), _down(a.p_a_lower, 6),
+                     _up(a.p_needed, 6)])
     if not args.json:
         _table([f"image (r={args.radius:g})", "certified", "class", "samples", "looks",
                 "pA_lower", "needed"], rows)
@@ -206,7 +281,7 @@ def _predict(args) -> int:
 
 def _lipschitz(args) -> int:
     profile = layer_profile(checkpoint.load(args.model).model)
-    rows = [[r.name, f"{r.bound:.4f}", f"{r.cumulative:.4g}"] for r in profile]
+    rows = [[r.name, _up(r.bound, 4), _up(r.cumulative, 4)] for r in profile]
     _table(["layer", "L (upper bound)", "product so far"], rows)
     split = sum(r.in_f1 for r in profile)
     print(f"split after {split} layer(s) of f1; the certificate uses the exact local bound of f1 "

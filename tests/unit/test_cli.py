@@ -106,3 +106,46 @@ def test_query_answers_with_fewer_samples(model_dir, digit, capsys):
     answer = json.loads(capsys.readouterr().out)
     assert answer["samples"] <= 4000 and answer["looks"] >= 1 and "p_needed" in answer
     assert main(["query", str(digit), "--model", str(model_dir), "--radius", "-1"]) == 2
+
+
+def test_printed_numbers_never_claim_more_than_the_certificate(model_dir, digit, capsys,
+                                                               monkeypatch):
+    """The table rounds radii and lower bounds down and L up (to nearest, 0.78756 printed as
+    0.7876: above the certificate)."""
+    import dataclasses
+
+    from splitz.smoothing import Smooth
+
+    certify = Smooth.certify
+
+    def fixed(self, *args, **kwargs):
+        return [dataclasses.replace(c, prediction=7, radius=0.78756, p_a_lower=0.9999996,
+                                    lipschitz=0.57114061, gamma=0.78756)
+                for c in certify(self, *args, **kwargs)]
+
+    monkeypatch.setattr(Smooth, "certify", fixed)
+    assert main(["certify", str(digit), "--model", str(model_dir), "--n", "20", "--n0", "5",
+                 "--quiet"]) == 0
+    row = capsys.readouterr().out.splitlines()[1].split()
+    assert row[2:4] == ["0.7875", "0.999999"] and row[5:7] == ["0.5712", "0.7875"]
+
+
+def test_seed_is_drawn_unless_given(model_dir, digit, capsys):
+    args = ["certify", str(digit), "--model", str(model_dir), "--n", "20", "--n0", "5", "--json"]
+    assert main(args) == 0 and main(args) == 0 and main([*args, "--seed", "3"]) == 0
+    drawn, again, chosen = (json.loads(x) for x in capsys.readouterr().out.splitlines())
+    assert drawn["seed_source"] == again["seed_source"] == "random"
+    assert drawn["seed"] != again["seed"]
+    assert (chosen["seed"], chosen["seed_source"]) == (3, "client")
+
+
+def test_resource_and_config_errors_exit_2_with_one_line(model_dir, digit, tmp_path, capsys):
+    assert main(["certify", str(digit), "--model", str(model_dir), "--batch", "100000000",
+                 "--n", "100000000"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert "--batch 100000000 needs" in err and "\n" not in err
+    config = tmp_path / "bad.json"
+    config.write_text('{"sigma": "loud"}')
+    assert main(["train", "--config", str(config)]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("splitz: error: invalid TrainConfig") and "\n" not in err
