@@ -17,6 +17,7 @@ from .errors import SplitzError
 from .images import load_image
 from .lipschitz import layer_profile
 from .smoothing import PRECISIONS, SEED_LIMIT, Smooth
+from .stats import FIXED_BOUNDS
 from .train import TrainConfig, train
 
 
@@ -45,13 +46,17 @@ def _parser() -> argparse.ArgumentParser:
     _sampling_args(c, n=100_000)
     c.add_argument("--n0", type=_positive_int, default=100, help="selection samples (100)")
     c.add_argument("--radius", type=float, help="also say whether this radius is certified")
+    _bound_arg(c)
+    c.add_argument("--tolerance", type=float,
+                   help="adaptive: --n is a budget; stop at a third of it once the radius is "
+                        "within this share of the whole budget's (e.g. 0.02)")
     c.set_defaults(run=_certify)
 
     q = sub.add_parser("query", help="is the radius certified? stops sampling once decided")
     _sampling_args(q, n=100_000)
     q.add_argument("--radius", type=float, required=True)
     q.add_argument("--n0", type=_positive_int, default=100, help="selection samples (100)")
-    q.add_argument("--first", type=_positive_int, default=1000, help="samples at the first look")
+    _bound_arg(q)
     q.set_defaults(run=_query)
 
     pr = sub.add_parser("predict", help="smoothed prediction with a binomial test (may abstain)")
@@ -139,6 +144,12 @@ def _sampling_args(p: argparse.ArgumentParser, n: int) -> None:
     p.add_argument("--quiet", action="store_true", help="no progress bar")
 
 
+def _bound_arg(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--bound", choices=FIXED_BOUNDS, default="clopper-pearson",
+                   help="fixed-n lower bound on pA; the randomized one is tighter, its uniform "
+                        "draw comes from the seed and is recorded (clopper-pearson)")
+
+
 def _positive_int(text: str) -> int:
     value = int(text)
     if value < 1:
@@ -220,7 +231,8 @@ def _fixed(value: float, digits: int, rounding: str) -> str:
 def _certify(args) -> int:
     smooth, loaded, x = _load(args)
     certs = smooth.certify(x, n0=args.n0, n=args.n, alpha=args.alpha, seed=args.seed,
-                           radius=args.radius, progress=not args.quiet)
+                           radius=args.radius, progress=not args.quiet, bound=args.bound,
+                           tolerance=args.tolerance)
     classes = loaded.model.spec.classes
     rows = []
     for path, c in zip(args.images, certs, strict=True):
@@ -241,14 +253,14 @@ def _certify(args) -> int:
         c = certs[0]
         print(f"model {c.model_id} sha256 {c.model_sha256[:16]}  sigma={c.sigma} "
               f"n0={c.n0} n={c.n} alpha={c.alpha} seed={c.seed} ({c.seed_source})  "
-              f"L_global={_up(c.lipschitz_global, 4)}")
+              f"L_global={_up(c.lipschitz_global, 4)}  bound={c.bound} stopping={c.stopping}")
     return 0
 
 
 def _query(args) -> int:
     smooth, loaded, x = _load(args)
     answers = smooth.query(x, args.radius, alpha=args.alpha, n0=args.n0, n_max=args.n,
-                           first=args.first, seed=args.seed)
+                           seed=args.seed, bound=args.bound)
     classes = loaded.model.spec.classes
     rows = []
     for path, a in zip(args.images, answers, strict=True):

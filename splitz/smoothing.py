@@ -18,9 +18,14 @@ from .lipschitz import F1Bound, input_radius
 from .nets import SplitModel
 from .noise import NoiseStream, fill_normal
 from .stats import (
+    CS_BOUND,
+    FIXED_BOUNDS,
+    LowerBound,
+    SequentialBound,
+    auxiliary_uniform,
     binomial_pvalue,
-    clopper_pearson_lower,
-    clopper_pearson_upper,
+    cs_lower,
+    cs_upper,
     feature_radius,
     round_down,
 )
@@ -57,6 +62,14 @@ class Certificate:
     certified: bool | None = None  # whether the requested radius is certified, if one was asked
     query_radius: float | None = None
     seed_source: str = "client"  # see SEED_SOURCES
+    # p_a_lower is the bound `bound` (stats.py) computed at level bound_level from n_a of n votes,
+    # with bound_u the randomized bound's uniform draw (from the seed); `stopping` is "fixed"
+    # (n planned) or the adaptive rule that stopped at n of at most `budget` votes.
+    bound: str = "clopper-pearson"
+    bound_level: float | None = None
+    bound_u: float | None = None
+    stopping: str = "fixed"
+    budget: int | None = None
 
     @property
     def abstained(self) -> bool:
@@ -88,8 +101,8 @@ class RadiusAnswer:
     """Whether `radius` is certified, decided by sequential sampling (Smooth.query).
 
     With probability >= 1 - alpha: if certified, g predicts `prediction` on the whole l2 ball of
-    `radius`. alpha is split evenly (Bonferroni) over the planned looks, so stopping early at any
-    look keeps the guarantee."""
+    `radius`. p_a_lower is `bound` at level bound_level, valid at the data-dependent stop
+    (stats.SequentialBound)."""
 
     certified: bool
     prediction: int | None
@@ -104,6 +117,9 @@ class RadiusAnswer:
     alpha: float
     seed: int
     seed_source: str = "client"  # see SEED_SOURCES
+    bound: str = CS_BOUND
+    bound_level: float | None = None
+    bound_u: float | None = None
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -148,97 +164,132 @@ class Smooth:
 
     def certify(self, x: Tensor, n0: int = 100, n: int = 100_000, alpha: float = 0.001,
                 seed: int | Sequence[int] | None = 0, radius: float | None = None,
-                progress: bool = False) -> list[Certificate]:
+                progress: bool = False, bound: str = "clopper-pearson",
+                tolerance: float | None = None) -> list[Certificate]:
         """Cohen et al.'s CERTIFY at the split, then Theorem 1 for the input-space radius.
 
         With probability at least 1 - alpha (per image) over the randomness here, each returned
         prediction equals g(x) on the l2 ball of the returned radius around that image.
+
+        bound: the fixed-n lower bound on pA, "clopper-pearson" or "randomized-clopper-pearson"
+        (tighter; its uniform draw comes from the image's seed and is recorded). tolerance:
+        adaptive certification with n as the budget (`adaptive_plan`): it stops at the first
+        planned look once the radius there is within `tolerance` (relative) of the radius the
+        whole budget would give at the same vote share, and abstains as soon as the confidence
+        sequence rules out pA > 1/2.
         """
         _check_sampling(n, alpha, n0)
         if radius is not None:
             _check_radius(radius)
+        plan = (SequentialBound(0.0, ((n, alpha),), _bound(bound)) if tolerance is None
+                else adaptive_plan(n, alpha, self.batch_size, _bound(bound), tolerance))
         start = time.perf_counter()
         x = self._images(x)
         seeds = _seeds(len(x), seed)
+        us = [[auxiliary_uniform(s, j) for j in range(len(plan.looks))] for s in seeds]
         with torch.inference_mode():
             z = self._features(x)
             streams = self._streams(seeds)
             bar = tqdm(total=(n0 + n) * len(x), unit="sample", unit_scale=True,
                        disable=not progress, desc="certify")
-            top = self.sample_counts(z, n0, streams, bar).argmax(dim=1)
-            n_a = self.sample_counts(z, n, streams, bar).gather(1, top[:, None])[:, 0]
+            top = self.sample_counts(z, n0, streams, bar).argmax(dim=1).tolist()
+            if tolerance is None:
+                n_a = self.sample_counts(z, n, streams, bar).gather(
+                    1, torch.tensor(top)[:, None])[:, 0].tolist()
+                drawn = [n] * len(x)
+            else:
+                def stop(i: int, k: int, t: int) -> bool:
+                    return adaptive_stop(plan, k, t, n, us[i], tolerance)
+                n_a, drawn = self._rounds(z, streams, top, n, stop, bar)
             bar.close()
-        p_lower = torch.tensor([clopper_pearson_lower(int(k), n, alpha) for k in n_a],
-                               dtype=torch.float64)
-        r_z = torch.tensor([feature_radius(p, self.model.sigma) for p in p_lower.tolist()],
+        lows = [plan.lower(k, t, u) for k, t, u in zip(n_a, drawn, us, strict=True)]
+        # An adaptive abstention between looks has no bound of the plan's; it reports the
+        # sequence's, which its stopping rule put at <= 1/2 (capped: it never certifies).
+        lows = [low if low.name != "none" else
+                LowerBound(min(0.5, cs_lower(k, t, alpha)), CS_BOUND, alpha)
+                for low, k, t in zip(lows, n_a, drawn, strict=True)]
+        r_z = torch.tensor([feature_radius(b.value, self.model.sigma) for b in lows],
                            dtype=torch.float64)
         r = input_radius(self.bound, x.cpu(), r_z)
         elapsed = (time.perf_counter() - start) / len(x)
         certs = []
-        for i in range(len(x)):
-            abstain = bool(p_lower[i] <= 0.5)
+        for i, low in enumerate(lows):
+            abstain = low.value <= 0.5
             rad = 0.0 if abstain else round_down(float(r.radius[i]))
             certs.append(Certificate(
-                prediction=None if abstain else int(top[i]), radius=rad,
-                radius_feature=round_down(float(r_z[i])), p_a_lower=float(p_lower[i]),
-                n_a=int(n_a[i]), n=n, n0=n0, alpha=alpha, sigma=self.model.sigma,
+                prediction=None if abstain else top[i], radius=rad,
+                radius_feature=round_down(float(r_z[i])), p_a_lower=low.value,
+                n_a=n_a[i], n=drawn[i], n0=n0, alpha=alpha, sigma=self.model.sigma,
                 lipschitz=float(r.lipschitz[i]), gamma=float(r.gamma[i]),
                 lipschitz_global=self.bound.global_bound, float_slack=float(r.float_slack[i]),
                 seed=seeds[i], seed_source=_source(seed), batch_size=self.batch_size,
                 time_s=elapsed,
                 model_id=self.model_id, model_sha256=self.model_sha256, precision=self.precision,
                 certified=None if radius is None else (not abstain and rad >= radius),
-                query_radius=radius,
+                query_radius=radius, bound=low.name, bound_level=low.level, bound_u=low.u,
+                stopping="fixed" if tolerance is None else _describe(plan, tolerance),
+                budget=None if tolerance is None else n,
             ))
         return certs
 
     def query(self, x: Tensor, radius: float, alpha: float = 0.001, n0: int = 100,
-              n_max: int = 100_000, first: int = 1000, growth: int = 2,
-              seed: int | None = 0) -> list[RadiusAnswer]:
-        """Is each image certified at `radius`? Samples in rounds of geometric size (first,
-        first * growth, ... up to n_max) and stops as soon as the answer is decided.
+              n_max: int = 100_000, seed: int | None = 0,
+              bound: str = "clopper-pearson") -> list[RadiusAnswer]:
+        """Is each image certified at `radius`? Samples one batch at a time and stops as soon
+        as the answer is decided, at most n_max votes.
 
         Certified at r  <=>  (R_z - slack) >= r L_r  <=>  pA > p* = Phi((r L_r + slack) / sigma),
-        the same test `certify` makes (Theorem 1 at gamma = r). Look k uses a one-sided
-        Clopper-Pearson bound at alpha / K; it stops certified when the lower bound passes p*,
-        and stops uncertified when the upper bound falls below p*."""
+        the same test `certify` makes (Theorem 1 at gamma = r). After every batch the beta-
+        binomial confidence sequence at alpha/2 (valid at any stopping time) says "certified"
+        once its lower end passes p*, "not certified" once its upper end falls to p*; at n_max
+        the fixed-n `bound` at alpha/2 gets a last say (it agrees with fixed-n CERTIFY where the
+        sequence alone would stay undecided). One Ville event covers both answers of the
+        sequence: with probability >= 1 - alpha no answer is wrong."""
         _check_sampling(n_max, alpha, n0)
         _check_radius(radius)
-        looks = _schedule(first, growth, n_max)
-        level = alpha / len(looks)
+        plan = query_plan(n_max, alpha, _bound(bound))
         x = self._images(x)
         gamma = torch.full((len(x),), float(radius), dtype=torch.float64)
         lips = self.bound.local(x, gamma)
         slack = self.bound.float_slack(x, gamma)
-        answers = []
+        p_star = [max(0.5, float(norm.cdf((radius * lips[i] + slack[i]) / self.model.sigma)))
+                  for i in range(len(x))]
+        seeds = _seeds(len(x), seed)
+        us = [[auxiliary_uniform(s, 0)] for s in seeds]
+
+        def stop(i: int, k: int, t: int) -> bool:
+            return query_stop(plan, k, t, us[i], p_star[i])
+
         with torch.inference_mode():
             z = self._features(x)
-            seeds = _seeds(len(x), seed)
             streams = self._streams(seeds)
-            tops = self.sample_counts(z, n0, streams).argmax(dim=1)
-            for i in range(len(x)):
-                p_star = float(norm.cdf((radius * lips[i] + slack[i]) / self.model.sigma))
-                p_star = max(0.5, p_star)
-                n_a, drawn, low = self._sequential(z[i:i + 1], streams[i], int(tops[i]), looks,
-                                                   level, p_star)
-                certified = low > p_star
-                answers.append(RadiusAnswer(
-                    certified, int(tops[i]) if certified else None, radius, drawn, n0,
-                    looks.index(drawn) + 1, n_a, low, p_star, float(lips[i]), alpha, seeds[i],
-                    _source(seed)))
+            tops = self.sample_counts(z, n0, streams).argmax(dim=1).tolist()
+            n_a, drawn = self._rounds(z, streams, tops, n_max, stop)
+        answers = []
+        for i in range(len(x)):
+            low = plan.lower(n_a[i], drawn[i], us[i])
+            certified = low.value > p_star[i]
+            answers.append(RadiusAnswer(
+                certified, tops[i] if certified else None, radius, drawn[i], n0,
+                -(-drawn[i] // self.batch_size), n_a[i], low.value, p_star[i], float(lips[i]),
+                alpha, seeds[i], _source(seed), low.name, low.level, low.u))
         return answers
 
-    def _sequential(self, z: Tensor, stream: NoiseStream, top: int, looks: list[int],
-                    level: float, p_star: float) -> tuple[int, int, float]:
-        """Sample up to each look until the bound at `level` decides pA > p* either way."""
-        n_a = drawn = 0
-        for total in looks:
-            n_a += int(self.sample_counts(z, total - drawn, [stream])[0, top])
-            drawn = total
-            low = clopper_pearson_lower(n_a, drawn, level)
-            if low > p_star or clopper_pearson_upper(n_a, drawn, level) <= p_star:
-                break
-        return n_a, drawn, low
+    def _rounds(self, z: Tensor, streams: list[NoiseStream], top: list[int], n: int, stop,
+                bar: tqdm | None = None) -> tuple[list[int], list[int]]:
+        """Votes for class top[i] drawn one batch at a time (the chunks of `sample_counts`, so an
+        image's first m votes are the same as with n = m), up to n, until stop(i, k, t) is true
+        after t votes with k for top[i]. Returns each image's (k, t)."""
+        n_a, drawn = [0] * len(z), [0] * len(z)
+        active = list(range(len(z)))
+        while active:
+            m = min(self.batch_size, n - drawn[active[0]])  # all active images drew alike
+            counts = self.sample_counts(z[active], m, [streams[i] for i in active], bar)
+            for row, i in enumerate(active):
+                n_a[i] += int(counts[row, top[i]])
+                drawn[i] += m
+            active = [i for i in active if drawn[i] < n and not stop(i, n_a[i], drawn[i])]
+        return n_a, drawn
 
     def predict(self, x: Tensor, n: int = 10_000, alpha: float = 0.001,
                 seed: int | None = 0) -> list[Prediction]:
@@ -333,14 +384,60 @@ def _device(name: str) -> torch.device:
     return device
 
 
-def _schedule(first: int, growth: int, n_max: int) -> list[int]:
-    """Cumulative sample counts at each look: first, first * growth, ..., n_max."""
-    if first < 1 or growth < 2:
-        raise InputError("the schedule needs first >= 1 and growth >= 2")
-    looks = [min(first, n_max)]
-    while looks[-1] < n_max:
-        looks.append(min(looks[-1] * growth, n_max))
-    return looks
+def query_plan(n_max: int, alpha: float, bound: str = "clopper-pearson") -> SequentialBound:
+    """Radius queries' bounds: the confidence sequence at alpha/2 after every batch, and the
+    fixed-n `bound` at alpha/2 at n_max. Measured against the sequence alone at alpha: as few
+    samples, and it keeps agreeing with fixed-n CERTIFY near the threshold (docs/performance.md)."""
+    return SequentialBound(alpha / 2, ((n_max, alpha / 2),), bound)
+
+
+def adaptive_plan(n: int, alpha: float, batch_size: int, bound: str = "clopper-pearson",
+                  tolerance: float = 0.02) -> SequentialBound:
+    """Adaptive certification's bounds: the fixed-n `bound` at alpha/2 at two looks, a third of
+    the budget n (rounded up to whole batches, so the votes are those of fixed-n CERTIFY) and n.
+    Two looks beat a confidence sequence here (docs/performance.md: a radius within 2 % of the
+    budget's needs about n/3 votes anyway, where the sequence pays about (1/2) log t against
+    log 2 for two looks)."""
+    if not 0.0 < tolerance < 1.0:
+        raise InputError(f"tolerance must be in (0, 1), got {tolerance}")
+    first = -(-n // 3 // batch_size) * batch_size if n >= 3 else n
+    looks = ((first, alpha / 2), (n, alpha / 2)) if first < n else ((n, alpha),)
+    return SequentialBound(0.0, looks, bound)
+
+
+def query_stop(plan: SequentialBound, k: int, t: int, u: Sequence[float],
+               p_star: float) -> bool:
+    """A radius query is decided after t votes, k of them for the top class, once the plan's
+    lower bound on pA passes p* ("certified") or its upper bound, the mirror image of the lower
+    bound on the other votes (1 - L(t - k, t)), is at most p* ("not certified")."""
+    return plan.lower(k, t, u).value > p_star or 1.0 - plan.lower(t - k, t, u).value <= p_star
+
+
+def adaptive_stop(plan: SequentialBound, k: int, t: int, n: int, u: Sequence[float],
+                  tolerance: float) -> bool:
+    """Adaptive certification's stopping rule after t of at most n votes, k of them for the top
+    class: abstain once the confidence sequence at the plan's alpha puts pA <= 1/2 (abstaining
+    claims nothing, so this spends no alpha); stop with the plan's bound now when Phi^-1 of it
+    is within `tolerance` of Phi^-1 of the plan's bound after all n votes at the same share
+    k / t (the radius more samples could bring, at most: radius = sigma Phi^-1(pA_lower) / L)."""
+    if cs_upper(k, t, plan.alpha) <= 0.5:
+        return True
+    now = plan.lower(k, t, u).value
+    if now <= 0.5 or t >= n:
+        return False
+    whole = plan.lower(round(k * n / t), n, u).value
+    return float(norm.ppf(now)) >= (1.0 - tolerance) * float(norm.ppf(whole))
+
+
+def _describe(plan: SequentialBound, tolerance: float) -> str:
+    looks = ",".join(str(n) for n, _ in plan.looks)
+    return f"adaptive(tolerance={tolerance:g},looks={looks})"
+
+
+def _bound(name: str) -> str:
+    if name not in FIXED_BOUNDS:
+        raise InputError(f"bound must be one of {', '.join(FIXED_BOUNDS)}, got {name!r}")
+    return name
 
 
 # Who chose a certificate's seed. "client": the caller, who could have tried K seeds and kept

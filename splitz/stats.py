@@ -35,12 +35,6 @@ def clopper_pearson_lower(k: int, n: int, alpha: float) -> float:
     return 0.0 if k == 0 else float(beta.ppf(alpha, k, n - k + 1))
 
 
-def clopper_pearson_upper(k: int, n: int, alpha: float) -> float:
-    """One-sided (1 - alpha) upper confidence bound on p; 1 when k = n."""
-    _check_counts(k, n)
-    return 1.0 if k == n else float(beta.ppf(1.0 - alpha, k + 1, n - k))
-
-
 def randomized_clopper_pearson_lower(k: int, n: int, alpha: float, u: float) -> float:
     """Stevens' randomized (1 - alpha) lower bound on p, with u ~ Uniform(0, 1) drawn
     independently of the k successes in n trials (Stevens 1950, Biometrika 37; in randomized

@@ -38,8 +38,23 @@ def test_certify_json_has_every_audit_field(model_dir, digit, capsys):
     lines = [json.loads(line) for line in capsys.readouterr().out.splitlines()]
     assert [d["seed"] for d in lines] == [5, 6]
     for key in ("prediction", "radius", "p_a_lower", "n_a", "n", "n0", "alpha", "sigma",
-                "lipschitz", "gamma", "model_id", "model_sha256", "time_s"):
+                "lipschitz", "gamma", "model_id", "model_sha256", "time_s", "bound",
+                "bound_level", "bound_u", "stopping", "budget"):
         assert key in lines[0]
+
+
+def test_certify_adaptive_with_the_randomized_bound_records_both(model_dir, digit, capsys):
+    assert main(["certify", str(digit), "--model", str(model_dir), "--n", "900", "--n0", "10",
+                 "--batch", "100", "--tolerance", "0.05", "--bound",
+                 "randomized-clopper-pearson", "--json", "--seed", "2"]) == 0
+    c = json.loads(capsys.readouterr().out)
+    assert c["stopping"] == "adaptive(tolerance=0.05,looks=300,900)" and c["budget"] == 900
+    assert c["n"] <= 900 and c["bound"] in ("randomized-clopper-pearson", "beta-binomial-cs")
+    assert main(["certify", str(digit), "--model", str(model_dir), "--n", "100",
+                 "--tolerance", "2"]) == 2
+    assert "tolerance must be in (0, 1)" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        main(["certify", str(digit), "--model", str(model_dir), "--bound", "wald"])
 
 
 def test_predict_and_lipschitz(model_dir, digit, capsys):
@@ -102,9 +117,10 @@ def test_evaluate_writes_tsv_table_and_plot_and_resumes(model_dir, fake_mnist, t
 
 def test_query_answers_with_fewer_samples(model_dir, digit, capsys):
     assert main(["query", str(digit), "--model", str(model_dir), "--radius", "0.01",
-                 "--n", "4000", "--first", "200", "--json"]) == 0
+                 "--n", "4000", "--batch", "200", "--json"]) == 0
     answer = json.loads(capsys.readouterr().out)
     assert answer["samples"] <= 4000 and answer["looks"] >= 1 and "p_needed" in answer
+    assert answer["bound"] in ("beta-binomial-cs", "clopper-pearson")
     assert main(["query", str(digit), "--model", str(model_dir), "--radius", "-1"]) == 2
 
 

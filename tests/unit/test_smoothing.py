@@ -11,8 +11,15 @@ from splitz.data import DatasetSpec
 from splitz.errors import InputError
 from splitz.lipschitz import F1Bound
 from splitz.nets import ClipReLU, Normalize, SplitModel, create_model
-from splitz.smoothing import Smooth, _schedule
-from splitz.stats import round_down
+from splitz.smoothing import Smooth, adaptive_plan
+from splitz.stats import (
+    auxiliary_uniform,
+    clopper_pearson_lower,
+    cs_lower,
+    fixed_lower,
+    randomized_clopper_pearson_lower,
+    round_down,
+)
 
 from ..conftest import dense_a
 
@@ -96,10 +103,17 @@ def linear_toy(sigma: float, seed: int) -> tuple[SplitModel, torch.Tensor, torch
     return SplitModel(f1, f2, sigma, spec), x, (margin, true_radius)
 
 
+MODES = {"fixed": {}, "randomized": {"bound": "randomized-clopper-pearson"},
+         "adaptive": {"tolerance": 0.02},
+         "adaptive randomized": {"tolerance": 0.02, "bound": "randomized-clopper-pearson"}}
+
+
+@pytest.mark.parametrize("mode", MODES)
 @pytest.mark.parametrize("seed", range(4))
-def test_linear_toy_is_never_over_certified(seed):
+def test_linear_toy_is_never_over_certified(seed, mode):
     model, x, (margin, true_radius) = linear_toy(sigma=0.5, seed=seed)
-    certs = Smooth(model, batch_size=2000).certify(x, n0=100, n=4000, alpha=0.001, seed=seed)
+    certs = Smooth(model, batch_size=1000).certify(x, n0=100, n=4000, alpha=0.001, seed=seed,
+                                                   **MODES[mode])
     useful = 0
     for c, m, r in zip(certs, margin, true_radius, strict=True):
         assert c.abstained or c.prediction == int(m > 0)
@@ -111,6 +125,7 @@ def test_linear_toy_is_never_over_certified(seed):
 @pytest.mark.parametrize("kwargs,match", [
     ({"n": 0}, "positive"), ({"n0": 0}, "positive"), ({"alpha": 1.5}, "alpha"),
     ({"alpha": math.nan}, "alpha"), ({"radius": -1.0}, "radius"), ({"radius": math.inf}, "radius"),
+    ({"bound": "wald"}, "bound"), ({"tolerance": 1.5}, "tolerance"),
 ])
 def test_bad_parameters_are_input_errors(kwargs, match):
     smooth = Smooth(create_model("lenet", "mnist", "conv1", 0.5))
@@ -132,31 +147,54 @@ def test_bad_images_and_devices_are_input_errors():
             Smooth(model, device="cuda")
 
 
-def test_schedule_of_looks():
-    assert _schedule(1000, 2, 100_000) == [1000, 2000, 4000, 8000, 16000, 32000, 64000, 100_000]
-    assert _schedule(500, 3, 400) == [400]
+def test_adaptive_plan_looks_at_a_third_and_at_the_budget_in_whole_batches():
+    plan = adaptive_plan(100_000, 0.001, 200)
+    assert plan.looks == ((33_400, 0.0005), (100_000, 0.0005)) and plan.cs_alpha == 0.0
+    assert adaptive_plan(1000, 0.001, 1000).looks == ((1000, 0.001),)  # one look: all of alpha
+    with pytest.raises(InputError, match="tolerance"):
+        adaptive_plan(1000, 0.001, 100, tolerance=0.0)
+
+
+def confident_model() -> SplitModel:
+    model = create_model("lenet", "mnist", "input", sigma=0.25)
+    with torch.no_grad():
+        model.f2[-1].bias[3] = 50.0  # class 3 almost everywhere
+    return model
 
 
 def test_query_stops_early_both_ways():
-    model = create_model("lenet", "mnist", "input", sigma=0.25)
-    with torch.no_grad():
-        model.f2[-1].bias[3] = 50.0
-    smooth = Smooth(model, batch_size=500)
+    smooth = Smooth(confident_model(), batch_size=500)
     x = torch.rand(1, 28, 28)
-    easy = smooth.query(x, radius=0.1, n_max=100_000, first=500)[0]
+    easy = smooth.query(x, radius=0.1, n_max=100_000)[0]
     assert easy.certified and easy.prediction == 3 and easy.samples == 500 and easy.looks == 1
-    noisy = Smooth(uniform_vote_model()).query(torch.zeros(1, 1, 10), radius=0.0, n_max=64_000,
-                                               first=500)[0]
-    assert not noisy.certified and noisy.samples == 500  # the upper bound already rules it out
+    assert easy.bound == "beta-binomial-cs" and easy.bound_level == 0.0005
+    assert easy.p_a_lower == cs_lower(easy.n_a, easy.samples, 0.0005)
+    noisy = Smooth(uniform_vote_model(), batch_size=100).query(
+        torch.zeros(1, 1, 10), radius=0.0, n_max=64_000)[0]
+    assert not noisy.certified and noisy.samples <= 300  # the upper end rules it out quickly
+
+
+def test_query_at_its_budget_has_the_fixed_n_bound_say():
+    """Undecided by the sequence at n_max, the query answers from Clopper-Pearson at alpha/2, so
+    it agrees with fixed-n certify near the threshold (same votes: the same seed and batches)."""
+    model, x, (_, true_radius) = linear_toy(sigma=0.5, seed=0)
+    smooth = Smooth(model, batch_size=1000)
+    fixed = smooth.certify(x[:1], n0=100, n=4000, seed=7)[0]
+    # a radius just inside the fixed-n certificate: the sequence cannot tell within 4000 votes
+    answer = smooth.query(x[:1], radius=0.98 * fixed.radius, n_max=4000, seed=7)[0]
+    assert answer.samples == 4000 and answer.n_a == fixed.n_a
+    assert answer.bound == "clopper-pearson" and answer.bound_level == 0.0005
+    assert answer.p_a_lower == clopper_pearson_lower(fixed.n_a, 4000, 0.0005)
+    assert answer.certified == (answer.p_a_lower > answer.p_needed)
 
 
 @pytest.mark.parametrize("seed", range(2))
 def test_query_agrees_with_the_exact_radius_of_the_linear_toy(seed):
     model, x, (_, true_radius) = linear_toy(sigma=0.5, seed=seed)
     smooth = Smooth(model, batch_size=2000)
-    at_zero = smooth.query(x, radius=0.0, n_max=8000, first=500, seed=seed)
+    at_zero = smooth.query(x, radius=0.0, n_max=8000, seed=seed)
     for i, r in enumerate(true_radius.tolist()):
-        outside = smooth.query(x[i:i + 1], radius=1.05 * r, n_max=8000, first=500, seed=seed)[0]
+        outside = smooth.query(x[i:i + 1], radius=1.05 * r, n_max=8000, seed=seed)[0]
         assert not outside.certified  # never certified past the true radius
     assert sum(a.certified for a in at_zero) >= 6  # radius 0 = "does g predict?": mostly yes
 
@@ -184,7 +222,64 @@ def test_seed_none_draws_a_secure_seed_and_says_so():
     again = smooth.certify(x[:1], n0=10, n=200, seed=drawn[0].seed)[0]
     assert again.seed_source == "client" and again.n_a == drawn[0].n_a
     assert smooth.certify(x[:1], n0=10, n=200, seed=None)[0].seed != drawn[0].seed
-    answer = smooth.query(x[:1], 0.0, n0=10, n_max=200, first=100, seed=None)[0]
+    answer = smooth.query(x[:1], 0.0, n0=10, n_max=200, seed=None)[0]
     pred = smooth.predict(x[:1], n=100, seed=None)[0]
     assert (answer.seed_source, pred.seed_source) == ("random", "random")
     assert smooth.predict(x[:1], n=100, seed=4)[0].seed_source == "client"
+
+
+def votes_for_e(margin: float, images: int) -> torch.Tensor:
+    """Inputs of uniform_vote_model where class e leads every other pixel by `margin` sigma."""
+    x = torch.zeros(images, 1, 1, 10)
+    x[..., 4] = margin
+    return x
+
+
+def test_randomized_bound_uses_the_seeds_uniform_and_never_loses_to_clopper_pearson():
+    smooth = Smooth(uniform_vote_model(), batch_size=500)
+    x = votes_for_e(2.5, 4)  # pA around 0.9
+    plain = smooth.certify(x, n0=50, n=2000, seed=5)
+    rand = smooth.certify(x, n0=50, n=2000, seed=5, bound="randomized-clopper-pearson")
+    for p, r in zip(plain, rand, strict=True):
+        assert r.n_a == p.n_a and r.bound == "randomized-clopper-pearson"
+        assert r.bound_u == auxiliary_uniform(r.seed, 0) and p.bound_u is None
+        assert r.p_a_lower == randomized_clopper_pearson_lower(r.n_a, r.n, 0.001, r.bound_u)
+        assert r.p_a_lower >= p.p_a_lower and r.radius >= p.radius
+    assert any(r.radius > p.radius for p, r in zip(plain, rand, strict=True))
+
+
+def test_adaptive_certify_stops_early_and_records_how():
+    smooth = Smooth(uniform_vote_model(), batch_size=500)
+    x = votes_for_e(3.0, 2)  # pA around 0.97
+    certs = smooth.certify(x, n0=100, n=30_000, seed=1, tolerance=0.02)
+    for c in certs:
+        assert c.prediction == 4 and c.budget == 30_000 and c.n in (10_000, 30_000)
+        assert c.stopping == "adaptive(tolerance=0.02,looks=10000,30000)"
+        assert (c.bound, c.bound_level) == ("clopper-pearson", 0.0005)
+        assert c.p_a_lower == clopper_pearson_lower(c.n_a, c.n, 0.0005)
+    # tolerance 10 %: the first look is good enough
+    loose = smooth.certify(x, n0=100, n=30_000, seed=1, tolerance=0.1)
+    assert [c.n for c in loose] == [10_000, 10_000]
+    assert [c.n for c in smooth.certify(x, n0=100, n=30_000, seed=1, tolerance=0.001)] == [
+        30_000, 30_000]  # and 0.1 %: only the whole budget is
+    noisy = Smooth(uniform_vote_model(), batch_size=100).certify(
+        torch.zeros(2, 1, 1, 10), n0=100, n=30_000, tolerance=0.02)
+    for c in noisy:  # no class can pass 1/2: abstain after a few batches, on the sequence
+        assert c.abstained and c.n <= 500 and c.bound == "beta-binomial-cs"
+        assert c.p_a_lower == cs_lower(c.n_a, c.n, 0.001) <= 0.5
+
+
+@pytest.mark.parametrize("bound", ["clopper-pearson", "randomized-clopper-pearson"])
+def test_adaptive_certificate_is_reproduced_by_its_seed(bound):
+    model, x, _ = linear_toy(sigma=0.5, seed=1)
+    smooth = Smooth(model, batch_size=1000)
+    certs = smooth.certify(x, n0=100, n=9000, seed=3, tolerance=0.02, bound=bound)
+    again = smooth.certify(x[[5, 2]], n0=100, n=9000, seed=[8, 5], tolerance=0.02, bound=bound)
+    assert [(c.n, c.n_a, c.radius) for c in again] == [
+        (c.n, c.n_a, c.radius) for c in (certs[5], certs[2])]
+    for c in certs:
+        # its votes are fixed-n certify's first n votes, and its bound recomputes from the record
+        fixed = smooth.certify(x[c.seed - 3], n0=100, n=c.n, seed=c.seed)[0]
+        assert fixed.n_a == c.n_a
+        if c.bound != "beta-binomial-cs":
+            assert c.p_a_lower == fixed_lower(c.bound, c.n_a, c.n, c.bound_level, c.bound_u)

@@ -5,6 +5,7 @@ import pytest
 from scipy.special import betaln
 from scipy.stats import binom, norm
 
+from splitz.smoothing import adaptive_plan, query_plan
 from splitz.stats import (
     SequentialBound,
     auxiliary_uniform,
@@ -192,6 +193,30 @@ def test_cs_holds_at_adversarial_stopping_times(p):
     # the same search breaks Clopper-Pearson looked at after every vote
     naive = first_crossing(p, 500, lambda k, t: clopper_pearson_lower(k, t, alpha))
     assert naive > 2 * alpha
+
+
+@pytest.mark.parametrize("plan", [query_plan(300, 0.05), adaptive_plan(300, 0.05, 1)])
+def test_the_engines_plans_hold_at_adversarial_stopping_times(plan):
+    """Radius queries: the sequence at alpha/2 after every vote and a last look at alpha/2;
+    adaptive certify: looks at a third and all of the budget, alpha/2 each. Whatever the
+    stopping time, the bound the plan reports exceeds p with probability <= alpha (the union
+    bound is nearly tight)."""
+    worst = first_crossing(0.8, 300, lambda k, t: plan.lower(k, t).value)
+    assert plan.alpha / 2 < worst <= plan.alpha
+    # the same search catches a plan that spends the whole alpha at each of its looks
+    unsplit = SequentialBound(0.0, tuple((n, plan.alpha) for n, _ in plan.looks))
+    if len(unsplit.looks) > 1:
+        assert first_crossing(0.8, 300, lambda k, t: unsplit.lower(k, t).value) > plan.alpha
+
+
+@pytest.mark.parametrize("plan", [query_plan(300, 0.05, "randomized-clopper-pearson"),
+                                  adaptive_plan(300, 0.05, 1, "randomized-clopper-pearson")])
+def test_the_randomized_plans_hold_at_adversarial_stopping_times(plan):
+    p = 0.8
+    looks = {t: (lambda k, t=t, a=a: randomized_share(k, t, a, p)) for t, a in plan.looks}
+    cs = (lambda k, t: cs_lower(k, t, plan.cs_alpha)) if plan.cs_alpha else None
+    worst = first_crossing(p, 300, cs, looks)
+    assert plan.alpha / 2 < worst <= plan.alpha
 
 
 def test_sequential_bound_reports_its_best_valid_bound():
