@@ -3,7 +3,8 @@
 import secrets
 from typing import Annotated
 
-from fastapi import Depends, Header, HTTPException, Request
+from fastapi import HTTPException, Request, Security
+from fastapi.security import APIKeyHeader
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from .errors import error
@@ -53,11 +54,18 @@ class BodySizeLimit:
         await response(scope, receive, send)
 
 
+API_KEY = APIKeyHeader(name="X-API-Key", auto_error=False,
+                       description="required when the server has API keys configured")
+
+
 def require_api_key(request: Request,
-                    x_api_key: Annotated[str | None, Header()] = None) -> None:
+                    given: Annotated[str | None, Security(API_KEY)] = None) -> None:
+    """Compared as bytes: a header is latin-1 text whatever bytes it holds, and compare_digest
+    refuses non-ASCII str (a TypeError, answered 500, for any key with such a byte)."""
     keys = request.app.state.settings.api_keys
-    if keys and not any(secrets.compare_digest(x_api_key or "", k) for k in keys):
+    raw = (given or "").encode("latin-1")
+    if keys and not any(secrets.compare_digest(raw, k.encode()) for k in keys):
         raise HTTPException(401, "missing or invalid X-API-Key", {"WWW-Authenticate": "X-API-Key"})
 
 
-ApiKey = Depends(require_api_key)
+ApiKey = Security(require_api_key)
