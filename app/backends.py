@@ -4,6 +4,7 @@ One interface, two implementations; the routes never know which."""
 import threading
 import time
 import uuid
+from collections import Counter
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
@@ -12,15 +13,23 @@ from typing import Any, Protocol
 
 from redis import Redis
 from redis.exceptions import RedisError
-from rq import Queue, Retry, Worker
-from rq.exceptions import NoSuchJobError
+from rq import Callback, Queue, Retry, Worker
+from rq.exceptions import InvalidJobOperation, NoSuchJobError
 from rq.job import Job, JobStatus
 from rq.registry import StartedJobRegistry
 from rq.results import Result
 from rq.serializers import JSONSerializer
+from rq.timeouts import TimerDeathPenalty
 
-from worker.jobs import JobSpec, ModelCache, run_job
-from worker.main import cancel_key, certify_job, queue_name
+from worker.jobs import JobSpec, ModelCache, outcome, run_job, samples_used
+from worker.main import (
+    METRICS_KEY,
+    cancel_key,
+    certify_job,
+    count_failure,
+    count_success,
+    queue_name,
+)
 
 from .settings import Settings
 
@@ -33,7 +42,11 @@ class QueueFull(Exception):
 
 
 class BackendUnavailable(Exception):
-    """The queue (Redis) cannot be reached."""
+    """The queue (Redis) cannot be reached. job_id / status_url: the job a request had already
+    created (set by the route), so the client can still find it."""
+
+    job_id: str | None = None
+    status_url: str | None = None
 
 
 @dataclass
@@ -56,6 +69,9 @@ class Backend(Protocol):
     def cancel(self, job_id: str) -> bool: ...
     def ready(self, model_id: str | None = None) -> tuple[bool, str]: ...
     def queue_depth(self) -> int: ...
+    def job_counts(self) -> dict[str, int]:
+        """Jobs submitted, and ended by final state (finished, failed, canceled), counted when
+        they end whoever polls; "samples": noise samples in finished results."""
     def close(self) -> None: ...
 
 
@@ -63,8 +79,7 @@ def finished_view(view: JobView, result: dict) -> JobView:
     """A job's returned dict says whether it finished, failed on bad input, or was canceled."""
     view.result = result if "results" in result else None
     view.error = result.get("error")
-    view.status = ("canceled" if result.get("canceled")
-                   else "failed" if view.error else "finished")
+    view.status = outcome(result)
     return view
 
 
@@ -78,7 +93,8 @@ class EmbeddedBackend:
         self.jobs: dict[str, JobView] = {}
         self.ended: dict[str, threading.Event] = {}
         self.canceled: set[str] = set()
-        self.lock = threading.Lock()
+        self.lock = threading.RLock()  # job state changes: a cancel never races a start
+        self.counts: Counter[str] = Counter()
 
     def submit(self, spec: JobSpec) -> str:
         if self.queue_depth() >= self.settings.max_queue:
@@ -89,6 +105,7 @@ class EmbeddedBackend:
             self._forget_expired()
             self.jobs[view.id] = view
             self.ended[view.id] = ended
+            self.counts["submitted"] += 1
         self.pool.submit(self._run, view, spec, ended)
         return view.id
 
@@ -96,13 +113,23 @@ class EmbeddedBackend:
         try:
             self._execute(view, spec)
         finally:
-            ended.set()
+            self._end(view)
+
+    def _end(self, view: JobView) -> None:
+        """Count the job's final state, once, and wake its waiters."""
+        with self.lock:
+            if self.ended[view.id].is_set():
+                return
+            self.counts[view.status] += 1
+            self.counts["samples"] += samples_used(view.result or {})
+            self.ended[view.id].set()
 
     def _execute(self, view: JobView, spec: JobSpec) -> None:
-        if view.id in self.canceled:
-            view.status = "canceled"
-            return
-        view.status = "started"
+        with self.lock:
+            if view.id in self.canceled:
+                view.status = "canceled"
+                return
+            view.status = "started"
 
         def progress(done: int, total: int) -> None:
             view.done, view.total = done, total
@@ -133,13 +160,15 @@ class EmbeddedBackend:
         return self.get(job_id)
 
     def cancel(self, job_id: str) -> bool:
+        """A queued job is canceled at once; a running one stops at its next chunk of samples."""
         view = self.jobs.get(job_id)
         if view is None:
             return False
-        self.canceled.add(job_id)
-        if view.status == "queued":
-            view.status = "canceled"
-            self.ended[job_id].set()
+        with self.lock:
+            self.canceled.add(job_id)
+            if view.status == "queued":
+                view.status = "canceled"
+                self._end(view)
         return True
 
     def ready(self, model_id: str | None = None) -> tuple[bool, str]:
@@ -147,6 +176,10 @@ class EmbeddedBackend:
 
     def queue_depth(self) -> int:
         return sum(v.status == "queued" for v in list(self.jobs.values()))
+
+    def job_counts(self) -> dict[str, int]:
+        with self.lock:
+            return dict(self.counts)
 
     def close(self) -> None:
         self.pool.shutdown(wait=False, cancel_futures=True)
@@ -160,20 +193,34 @@ class RQBackend:
         self.redis = Redis.from_url(settings.redis_url, socket_timeout=5, socket_connect_timeout=2)
 
     def _queue(self, model_id: str) -> Queue:
-        return Queue(queue_name(model_id), connection=self.redis, serializer=JSONSerializer)
+        # TimerDeathPenalty: registry cleanups here run failure callbacks in request threads,
+        # where RQ's default (SIGALRM) cannot be used
+        return Queue(queue_name(model_id), connection=self.redis, serializer=JSONSerializer,
+                     death_penalty_class=TimerDeathPenalty)
 
     def submit(self, spec: JobSpec) -> str:
-        with _redis_errors():
-            queue = self._queue(spec.model_id)
-            if queue.count >= self.settings.max_queue:
-                raise QueueFull
-            job = queue.enqueue_call(
-                certify_job, args=(spec.model_dump(),), timeout=self.settings.job_timeout_s,
-                result_ttl=self.settings.result_ttl_s, failure_ttl=self.settings.result_ttl_s,
-                retry=Retry(max=self.settings.job_retries) if self.settings.job_retries else None,
-                meta={"model_id": spec.model_id, "done": 0, "total": len(spec.images)},
-                description=f"certify {len(spec.images)} image(s) with {spec.model_id}")
-            return job.id
+        """The job id is chosen before enqueueing, so a 503 can still name the job when Redis
+        fails after taking it."""
+        job_id = uuid.uuid4().hex
+        try:
+            with _redis_errors():
+                queue = self._queue(spec.model_id)
+                if queue.count >= self.settings.max_queue:
+                    raise QueueFull
+                queue.enqueue_call(
+                    certify_job, args=(spec.model_dump(),), job_id=job_id,
+                    timeout=self.settings.job_timeout_s, result_ttl=self.settings.result_ttl_s,
+                    failure_ttl=self.settings.result_ttl_s,
+                    retry=Retry(max=self.settings.job_retries) if self.settings.job_retries
+                    else None,
+                    on_success=Callback(count_success), on_failure=Callback(count_failure),
+                    meta={"model_id": spec.model_id, "done": 0, "total": len(spec.images)},
+                    description=f"certify {len(spec.images)} image(s) with {spec.model_id}")
+                self.redis.hincrby(METRICS_KEY, "submitted")
+        except BackendUnavailable as e:
+            e.job_id = job_id
+            raise
+        return job_id
 
     def get(self, job_id: str) -> JobView | None:
         with _redis_errors():
@@ -226,7 +273,11 @@ class RQBackend:
                 return False
             self.redis.set(cancel_key(job_id), 1, ex=self.settings.result_ttl_s)
             if job.get_status() in (JobStatus.QUEUED, JobStatus.SCHEDULED, JobStatus.DEFERRED):
-                job.cancel()
+                try:
+                    job.cancel()
+                    self.redis.hincrby(METRICS_KEY, "canceled")
+                except InvalidJobOperation:  # it started meanwhile: it sees the cancel key
+                    pass
             return True
 
     def ready(self, model_id: str | None = None) -> tuple[bool, str]:
@@ -245,6 +296,10 @@ class RQBackend:
         with _redis_errors():
             keys = self.redis.smembers("rq:queues")
             return sum(self.redis.llen(k) for k in keys if k.startswith(b"rq:queue:splitz:"))
+
+    def job_counts(self) -> dict[str, int]:
+        with _redis_errors():
+            return {k.decode(): int(v) for k, v in self.redis.hgetall(METRICS_KEY).items()}
 
     def close(self) -> None:
         self.redis.close()

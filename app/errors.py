@@ -8,10 +8,11 @@ from starlette.exceptions import HTTPException
 from splitz.errors import CheckpointError, InputError, UnknownModelError
 
 from .backends import BackendUnavailable, QueueFull
+from .repository import RepositoryUnavailable
 
 
-def error(status: int, message: str, headers: dict | None = None) -> JSONResponse:
-    return JSONResponse({"error": message}, status_code=status, headers=headers)
+def error(status: int, message: str, headers: dict | None = None, **extra) -> JSONResponse:
+    return JSONResponse({"error": message} | extra, status_code=status, headers=headers)
 
 
 def install(app: FastAPI) -> None:
@@ -20,12 +21,19 @@ def install(app: FastAPI) -> None:
         UnknownModelError: lambda e: error(404, str(e)),
         CheckpointError: lambda e: error(500, f"model repository problem: {e}"),
         QueueFull: lambda e: error(429, "queue is full, retry later", {"Retry-After": "30"}),
-        BackendUnavailable: lambda e: error(503, str(e), {"Retry-After": "5"}),
+        BackendUnavailable: _unavailable,
+        RepositoryUnavailable: lambda e: error(503, str(e), {"Retry-After": "30"}),
         HTTPException: lambda e: error(e.status_code, str(e.detail), getattr(e, "headers", None)),
         RequestValidationError: lambda e: error(422, _validation_message(e)),
     }
     for kind, make in handlers.items():
         app.add_exception_handler(kind, _handler(make))
+
+
+def _unavailable(e: BackendUnavailable) -> JSONResponse:
+    """503; when the job was already created, its id and URL (it may still run)."""
+    known = {"job_id": e.job_id, "status_url": e.status_url} if e.job_id else {}
+    return error(503, str(e), {"Retry-After": "5"}, **known)
 
 
 def _handler(make):

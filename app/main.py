@@ -16,7 +16,7 @@ from .settings import Settings
 
 def create_app(settings: Settings | None = None) -> FastAPI:
     settings = settings or Settings()
-    metrics = Metrics()
+    metrics = Metrics(lambda: app.state.backend.job_counts())
 
     @asynccontextmanager
     async def lifespan(app: FastAPI):

@@ -2,16 +2,20 @@
 
 import logging
 import time
+from collections.abc import Callable, Iterator
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+from prometheus_client.core import CounterMetricFamily
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
+from .backends import BackendUnavailable
+
 log = logging.getLogger("splitz.api")
-SEEN_CAP = 100_000
+JOB_STATES = ("submitted", "finished", "failed", "canceled")
 
 
 class Metrics:
-    def __init__(self) -> None:
+    def __init__(self, job_counts: Callable[[], dict[str, int]]) -> None:
         self.registry = CollectorRegistry()
         self.requests = Counter("splitz_requests_total", "HTTP requests",
                                 ["method", "route", "status"], registry=self.registry)
@@ -20,23 +24,36 @@ class Metrics:
                                  buckets=(0.01, 0.05, 0.1, 0.5, 1, 2, 5, 10, 30, 60, 120))
         self.queue_depth = Gauge("splitz_queue_depth", "Jobs waiting in the queue",
                                  registry=self.registry)
-        self.jobs = Counter("splitz_jobs_total", "Jobs by status (submitted, then final)",
-                            ["status"], registry=self.registry)
-        self.samples = Counter("splitz_samples_total", "Noise samples in delivered results",
-                               registry=self.registry)
-        self._seen: dict[str, None] = {}  # job ids already counted (insertion-ordered, capped)
+        self.registry.register(JobCounts(job_counts))
 
-    def job_done(self, job_id: str, status: str, results: list[dict] | None) -> None:
-        """Count a job's final status and its samples once, when the API first sees it."""
-        if job_id in self._seen:
-            return
-        self._seen[job_id] = None
-        if len(self._seen) > SEEN_CAP:
-            del self._seen[next(iter(self._seen))]
-        self.jobs.labels(status).inc()
-        # a certificate used n0 + n samples; an early-stopped radius answer n0 + samples
-        self.samples.inc(sum(r["n0"] + (r["samples"] if "samples" in r else r["n"])
-                             for r in results or []))
+
+class JobCounts:
+    """splitz_jobs_total{status} and splitz_samples_total, read from the backend at each scrape:
+    jobs are counted where they end (the worker, or the in-process pool), whoever polls them,
+    and across API replicas. Absent while the backend is unreachable."""
+
+    def __init__(self, job_counts: Callable[[], dict[str, int]]):
+        self.job_counts = job_counts
+
+    def describe(self) -> Iterator[CounterMetricFamily]:
+        return self._families({})
+
+    def collect(self) -> Iterator[CounterMetricFamily]:
+        try:
+            counts = self.job_counts()
+        except BackendUnavailable:
+            return iter(())
+        return self._families(counts)
+
+    @staticmethod
+    def _families(counts: dict[str, int]) -> Iterator[CounterMetricFamily]:
+        jobs = CounterMetricFamily("splitz_jobs", "Jobs submitted, then by final state",
+                                   labels=["status"])
+        for state in JOB_STATES:
+            jobs.add_metric([state], counts.get(state, 0))
+        yield jobs
+        yield CounterMetricFamily("splitz_samples", "Noise samples in finished jobs' results",
+                                  value=counts.get("samples", 0))
 
 
 class RequestMetrics:

@@ -13,7 +13,8 @@ class Settings(BaseSettings):
     redis_url: str | None = None  # unset: the embedded, in-process backend
     api_keys: list[str] = Field(default_factory=list)  # empty: the API is open
     max_body_bytes: int = 20 * 2**20
-    max_image_bytes: int = 2 * 2**20
+    max_image_bytes: int = 2 * 2**20  # one image file
+    max_decoded_bytes: int = 32 * 2**20  # a request's image files after base64 / zip decoding
     max_n: int = 1_000_000
     default_n: int = 100_000
     max_batch_images: int = 1000

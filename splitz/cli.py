@@ -102,6 +102,8 @@ def _parser() -> argparse.ArgumentParser:
     wo = sub.add_parser("worker", help="run an RQ worker (needs SPLITZ_REDIS_URL)")
     wo.add_argument("--models", nargs="*", help="model ids to serve (default: all)")
     wo.add_argument("--burst", action="store_true", help="quit when the queues are empty")
+    wo.add_argument("--check", action="store_true",
+                    help="healthcheck: exit 0 if a worker of this host is alive in Redis")
     wo.set_defaults(run=_worker)
 
     su = sub.add_parser("submit", help="send a batch job to a running service, wait, print")
@@ -341,7 +343,7 @@ def _worker(args) -> int:
     from worker.main import main as worker_main
 
     return worker_main([*(["--models", *args.models] if args.models else []),
-                        *(["--burst"] if args.burst else [])])
+                        *(["--burst"] if args.burst else []), *(["--check"] if args.check else [])])
 
 
 def _submit(args) -> int:

@@ -1,7 +1,7 @@
 """Certification jobs: plain functions of JSON-able arguments, shared by the RQ workers and the
 embedded backend. A job certifies its images one by one (image i with seed + i, so results equal
-the engine's `Smooth.certify(images, seed=seed)`), reporting progress and honouring cancellation
-between images."""
+the engine's `Smooth.certify(images, seed=seed)`; no seed: each image's is drawn securely),
+reporting progress and honouring cancellation between images."""
 
 import base64
 import binascii
@@ -11,7 +11,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 import torch
-from pydantic import BaseModel, Field
+from pydantic import BaseModel, Field, model_validator
 
 from splitz import checkpoint
 from splitz.errors import InputError, SplitzError
@@ -26,13 +26,22 @@ class JobSpec(BaseModel):
     n: int = Field(100_000, ge=1)
     n0: int = Field(100, ge=1)
     alpha: float = Field(0.001, gt=0, lt=1)
-    seed: int = 0
+    seed: int | None = Field(None, ge=0)  # None: drawn by the engine (seed_source "random")
     radius: float | None = Field(None, ge=0, allow_inf_nan=False)
     early_stop: bool = False  # with radius: only decide "certified at radius?" (Smooth.query)
+
+    @model_validator(mode="after")
+    def _one_name_per_image(self) -> "JobSpec":
+        if self.names and len(self.names) != len(self.images):
+            raise ValueError(f"{len(self.names)} names for {len(self.images)} images")
+        return self
 
     @property
     def is_query(self) -> bool:
         return self.early_stop and self.radius is not None
+
+    def image_seed(self, i: int) -> int | None:
+        return None if self.seed is None else self.seed + i
 
 
 class Canceled(Exception):
@@ -81,10 +90,10 @@ def run_certify(spec: JobSpec, models: ModelCache,
             raise Canceled(f"canceled after {i} of {len(images)} images")
         if spec.is_query:
             answer = smooth.query(x, spec.radius, alpha=spec.alpha, n0=spec.n0, n_max=spec.n,
-                                  seed=spec.seed + i)[0]
+                                  seed=spec.image_seed(i))[0]
         else:
             answer = smooth.certify(x, n0=spec.n0, n=spec.n, alpha=spec.alpha,
-                                    seed=spec.seed + i, radius=spec.radius)[0]
+                                    seed=spec.image_seed(i), radius=spec.radius)[0]
         results.append({"name": name} | answer.to_dict())
         progress(i + 1, len(images))
     return _result(spec, results, start)
@@ -98,7 +107,7 @@ def batch_key(spec: JobSpec) -> tuple | None:
     jobs that are not batched (radius queries, jobs over SMALL_JOB_IMAGES)."""
     if spec.is_query or len(spec.images) > SMALL_JOB_IMAGES:
         return None
-    return spec.model_id, spec.n, spec.n0, spec.alpha, spec.radius
+    return spec.model_id, spec.n, spec.n0, spec.alpha, spec.radius, spec.seed is None
 
 
 def run_batch(specs: list[JobSpec], models: ModelCache) -> list[dict]:
@@ -116,7 +125,8 @@ def run_batch(specs: list[JobSpec], models: ModelCache) -> list[dict]:
     good = [(spec, imgs) for spec, imgs in zip(specs, decoded, strict=True)
             if not isinstance(imgs, SplitzError)]
     x = [img for _, imgs in good for img, _ in imgs]
-    seeds = [spec.seed + i for spec, imgs in good for i in range(len(imgs))]
+    seeds = None if first.seed is None else [spec.image_seed(i) for spec, imgs in good
+                                             for i in range(len(imgs))]
     certs = iter(smooth.certify(torch.stack(x), n0=first.n0, n=first.n, alpha=first.alpha,
                                 seed=seeds, radius=first.radius) if x else [])
     out = []
@@ -132,13 +142,25 @@ def run_batch(specs: list[JobSpec], models: ModelCache) -> list[dict]:
 def _decode(spec: JobSpec, smooth: Smooth) -> list[tuple[torch.Tensor, str]]:
     names = spec.names or [f"image-{i}" for i in range(len(spec.images))]
     return [(load_image(decode_base64(d, nm), smooth.model.input_shape, nm), nm)
-            for d, nm in zip(spec.images, names, strict=False)]
+            for d, nm in zip(spec.images, names, strict=True)]
 
 
 def _result(spec: JobSpec, results: list[dict], start: float, batched: int = 1) -> dict:
     """A job's outcome; `batched` jobs shared its engine pass (seconds is the pass's)."""
     return {"model_id": spec.model_id, "results": results, "batched": batched,
             "seconds": round(time.perf_counter() - start, 3)}
+
+
+def outcome(result: dict) -> str:
+    """A job's final state from what run_job returned."""
+    return "canceled" if result.get("canceled") else "failed" if result.get("error") else "finished"
+
+
+def samples_used(result: dict) -> int:
+    """Noise samples behind a job's results: a certificate used n0 + n, an early-stopped radius
+    answer n0 + samples."""
+    return sum(r["n0"] + (r["samples"] if "samples" in r else r["n"])
+               for r in result.get("results") or [])
 
 
 def run_job(spec: JobSpec, models: ModelCache,

@@ -1,157 +1,223 @@
 """POST /certify (one image, synchronous by default) and the batch job resource /jobs."""
 
 import base64
-import io
 import logging
 import re
 import time
 import zipfile
-from typing import Any
+from typing import Annotated, Any
 
 import anyio
-from fastapi import APIRouter, HTTPException, Request
+from fastapi import APIRouter, HTTPException, Query, Request
 from fastapi.responses import JSONResponse
-from pydantic import BaseModel, Field, ValidationError
+from pydantic import BaseModel, ValidationError
+from starlette.datastructures import UploadFile
 
 from splitz import checkpoint
 from splitz.data import spec
 from splitz.errors import InputError
-from splitz.images import load_image
+from splitz.images import canonical_png
 from worker.jobs import JobSpec, decode_base64
 
-from ..backends import TERMINAL, JobView
+from ..backends import TERMINAL, BackendUnavailable, JobView
 from ..deps import BackendDep, SettingsDep
 from ..limits import ApiKey
+from ..schemas import (
+    Answer,
+    CertifyForm,
+    CertifyJSON,
+    JobsForm,
+    JobsJSON,
+    JobStatus,
+    Params,
+    QueryParams,
+    errors,
+    request_body,
+)
 from ..settings import Settings
 
 router = APIRouter(tags=["certify"], dependencies=[ApiKey])
 log = logging.getLogger("splitz.api")
 JOB_ID = re.compile(r"^[0-9a-f]{32}$|^[0-9a-f-]{36}$")
+QueryDep = Annotated[QueryParams, Query()]
 
 
-class Params(BaseModel):
-    """Query (or JSON body) parameters of a certification request."""
-
-    model: str
-    radius: float | None = Field(None, ge=0, allow_inf_nan=False)
-    n: int | None = Field(None, ge=1)
-    n0: int = Field(100, ge=1)
-    alpha: float = Field(0.001, gt=0, lt=1)
-    seed: int = Field(0, ge=0, le=2**62)
-    early_stop: bool = False  # with radius: stop sampling once "certified at radius?" is decided
-    wait: bool = True
-
-
-@router.post("/certify", responses={202: {"description": "still running: poll the job URL"}})
-async def certify(request: Request, backend: BackendDep, settings: SettingsDep) -> JSONResponse:
+@router.post("/certify", response_model=None,
+             responses={200: {"model": Answer, "description": "the certificate"},
+                        202: {"model": JobStatus, "description": "still running: poll status_url"},
+                        **errors(401, 404, 409, 413, 415, 422, 429, 500, 503)},
+             openapi_extra=request_body(CertifyForm, CertifyJSON))
+async def certify(request: Request, query: QueryDep, backend: BackendDep,
+                  settings: SettingsDep) -> JSONResponse:
     """Certify one image: multipart field `image`, or JSON `{"image": "<base64>"}`. Parameters
-    go in the query string (or the JSON body): model, radius, n, n0, alpha, seed, wait, and
-    early_stop (with radius: answer only "certified at radius?", sampling until decided)."""
-    params, images = await _read(request, settings, batch=False)
-    job_id = _submit(request, backend, _spec(params, images, settings))
-    view = await _wait(request, backend, job_id, settings.sync_wait_s if params.wait else 0.0)
+    go in the query string (or the JSON body); `early_stop` with `radius` answers only
+    "certified at radius?", sampling until decided."""
+    params, images = await _read(request, query, settings, batch=False)
+    job_id = _submit(backend, _spec(params, images, settings))
+    try:
+        view = await _wait(request, backend, job_id,
+                           settings.sync_wait_s if params.wait else 0.0)
+    except BackendUnavailable as e:  # the job exists: tell the client where to find it
+        e.job_id, e.status_url = job_id, _status_url(request, job_id)
+        raise
     if view.status not in TERMINAL:
         return _accepted(request, view)
-    _count(request, view)
     if view.status != "finished":
         return JSONResponse({"error": view.error or view.status, "job_id": view.id},
                             status_code=500 if view.status == "failed" else 409)
     return JSONResponse(view.result["results"][0] | {"job_id": view.id})
 
 
-@router.post("/jobs", status_code=202)
-async def submit(request: Request, backend: BackendDep, settings: SettingsDep) -> JSONResponse:
+@router.post("/jobs", status_code=202, response_model=None,
+             responses={202: {"model": JobStatus, "description": "queued: poll status_url"},
+                        **errors(401, 404, 413, 415, 422, 429, 503)},
+             openapi_extra=request_body(JobsForm, JobsJSON))
+async def submit(request: Request, query: QueryDep, backend: BackendDep,
+                 settings: SettingsDep) -> JSONResponse:
     """A batch: multipart fields `images` (repeated) and/or `zip` (a zip of PNG/JPEG files), or
     JSON `{"images": ["<base64>", ...], "names": [...]}`; parameters as for /certify."""
-    params, images = await _read(request, settings, batch=True)
-    job_id = _submit(request, backend, _spec(params, images, settings))
-    return _accepted(request, backend.get(job_id))
+    params, images = await _read(request, query, settings, batch=True)
+    job_id = _submit(backend, _spec(params, images, settings))
+    try:
+        return _accepted(request, backend.get(job_id))
+    except BackendUnavailable as e:
+        e.job_id, e.status_url = job_id, _status_url(request, job_id)
+        raise
 
 
-@router.get("/jobs/{job_id}")
+@router.get("/jobs/{job_id}", response_model=None,
+            responses={200: {"model": JobStatus}, **errors(401, 404, 422, 503)})
 def job_status(job_id: str, request: Request, backend: BackendDep) -> dict[str, Any]:
-    view = _find(backend, job_id)
-    if view.status in TERMINAL:
-        _count(request, view)
-    return _describe(request, view)
+    return _describe(_find(backend, job_id))
 
 
-@router.delete("/jobs/{job_id}", status_code=202)
+@router.delete("/jobs/{job_id}", status_code=202, response_model=None,
+               responses={202: {"model": JobStatus}, **errors(401, 404, 422, 503)})
 def cancel(job_id: str, request: Request, backend: BackendDep) -> dict[str, Any]:
+    """Cancel a queued job, or stop a running one at its next chunk of samples."""
     _find(backend, job_id)
     backend.cancel(job_id)
-    return _describe(request, _find(backend, job_id))
+    return _describe(_find(backend, job_id))
 
 
-# -- helpers ---------------------------------------------------------------------------------
+# -- reading a request -----------------------------------------------------------------------
 
-def _submit(request: Request, backend, spec: JobSpec) -> str:
-    job_id = backend.submit(spec)
-    request.app.state.metrics.jobs.labels("submitted").inc()
-    log.info("job %s submitted: %d image(s), model %s, n=%d", job_id, len(spec.images),
-             spec.model_id, spec.n)
-    return job_id
-
-
-async def _read(request: Request, settings: Settings,
+async def _read(request: Request, query: QueryParams, settings: Settings,
                 batch: bool) -> tuple[Params, list[tuple[str, bytes]]]:
+    """The parameters and the images, each checked and re-encoded (canonical_png) one at a time,
+    so the API holds at most one decoded file beside the body, and decodes at most
+    max_decoded_bytes in all."""
     kind = request.headers.get("content-type", "")
-    fields: dict[str, Any] = dict(request.query_params)
     if kind.startswith("multipart/form-data"):
-        form = await request.form(max_files=settings.max_batch_images + 1)
-        uploads = form.getlist("images" if batch else "image")
-        images = [(u.filename or f"image-{i}", await u.read()) for i, u in enumerate(uploads)
-                  if hasattr(u, "read")]
-        if batch and hasattr(form.get("zip"), "read"):
-            images += _unzip(await form["zip"].read(), settings)
-        fields |= {k: v for k, v in form.items() if k not in ("image", "images", "zip")}
+        fields, files = await _read_form(request, settings, batch)
     elif kind.startswith("application/json"):
-        try:
-            body = await request.json()
-        except ValueError:
-            raise InputError("body is not valid JSON") from None
-        if not isinstance(body, dict):
-            raise InputError("JSON body must be an object")
-        encoded = body.pop("images", None) if batch else [body.pop("image", None)]
-        if not isinstance(encoded, list) or not all(isinstance(e, str) for e in encoded):
-            raise InputError("images must be base64 strings" if batch else "image is required")
-        names = body.pop("names", None) or [f"image-{i}" for i in range(len(encoded))]
-        images = [(str(nm), decode_base64(e, str(nm)))
-                  for nm, e in zip(names, encoded, strict=False)]
-        fields |= body
+        fields, files = await _read_json(request, batch)
     else:
         raise HTTPException(415, "send multipart/form-data or application/json")
-    params = _params(fields)
-    _check(params, images, settings, batch)
+    params = _validate(Params, query.model_dump(exclude_unset=True) | fields)
+    _check(params, settings)
+    shape = spec(checkpoint.read_card(checkpoint.resolve(settings.model_dir, params.model))
+                 .dataset).input_shape
+    budget = Budget(settings, batch)
+    images = []
+    for name, data in files:
+        images += [(nm, canonical_png(raw, shape, nm)) async for nm, raw in data(budget, name)]
+    if not images:
+        raise InputError("no image in the request")
     return params, images
 
 
-def _params(fields: dict[str, Any]) -> Params:
+class Budget:
+    """What a request may still decode, charged before each file is decoded: at most
+    max_batch_images files (1 for /certify), each at most max_image_bytes, all of them at most
+    max_decoded_bytes."""
+
+    def __init__(self, settings: Settings, batch: bool):
+        self.files = settings.max_batch_images if batch else 1
+        self.file, self.left = settings.max_image_bytes, settings.max_decoded_bytes
+
+    def take(self, name: str, size: int) -> None:
+        self.files -= 1
+        if self.files < 0:
+            raise InputError("too many images in the request")
+        if size > self.file:
+            raise InputError(f"{name}: file over {self.file} bytes")
+        if size > self.left:
+            raise InputError("the request's images add up to more than the server decodes "
+                             "for one request")
+        self.left -= size
+
+
+async def _read_form(request: Request, settings: Settings, batch: bool):
+    form = await request.form(max_files=settings.max_batch_images + 1)
+    uploads = [u for u in form.getlist("images" if batch else "image")
+               if isinstance(u, UploadFile)]
+    files = [(u.filename or f"image-{i}", _upload(u)) for i, u in enumerate(uploads)]
+    if batch and isinstance(form.get("zip"), UploadFile):
+        files.append((form["zip"].filename or "zip", _zip_entries(form["zip"])))
+    fields = {k: v for k, v in form.items() if not isinstance(v, UploadFile)}
+    return fields, files
+
+
+def _upload(upload: UploadFile):
+    async def read(budget: Budget, name: str):
+        budget.take(name, upload.size or 0)
+        yield name, await upload.read()
+    return read
+
+
+def _zip_entries(upload: UploadFile):
+    """A zip's files one at a time; their declared sizes are charged to the budget before any
+    is decompressed, and zipfile stops reading an entry at its declared size."""
+    async def read(budget: Budget, _name: str):
+        try:
+            with zipfile.ZipFile(upload.file) as z:
+                infos = sorted((i for i in z.infolist() if not i.is_dir()),
+                               key=lambda i: i.filename)
+                for info in infos:
+                    budget.take(info.filename, info.file_size)
+                for info in infos:
+                    yield info.filename, z.read(info)
+        except (zipfile.BadZipFile, zipfile.LargeZipFile, EOFError, NotImplementedError,
+                ValueError):
+            raise InputError("zip: not a valid zip archive") from None
+    return read
+
+
+async def _read_json(request: Request, batch: bool):
     try:
-        return Params.model_validate(fields)
+        body = await request.json()
+    except ValueError:
+        raise InputError("body is not valid JSON") from None
+    data = _validate(JobsJSON if batch else CertifyJSON, body)
+    encoded = data.images if batch else [data.image]
+    names = data.names if batch and data.names else [f"image-{i}" for i in range(len(encoded))]
+    fields = data.model_dump(exclude_unset=True, exclude={"image", "images", "names"})
+    return fields, [(nm, _base64(text)) for nm, text in zip(names, encoded, strict=True)]
+
+
+def _base64(text: str):
+    async def read(budget: Budget, name: str):
+        budget.take(name, len(text) * 3 // 4)
+        yield name, decode_base64(text, name)
+    return read
+
+
+def _validate(model: type[BaseModel], data: Any):
+    try:
+        return model.model_validate(data)
     except ValidationError as e:
         first = e.errors()[0]
-        raise InputError(f"{'.'.join(map(str, first['loc']))}: {first['msg']}") from None
+        where = ".".join(map(str, first["loc"]))
+        raise InputError(f"{where}: {first['msg']}" if where else first["msg"]) from None
 
 
-def _check(params: Params, images: list[tuple[str, bytes]], settings: Settings,
-           batch: bool) -> None:
-    if not images:
-        raise InputError("no image in the request")
-    if len(images) > (settings.max_batch_images if batch else 1):
-        raise InputError(f"too many images: {len(images)} (at most "
-                         f"{settings.max_batch_images if batch else 1})")
+def _check(params: Params, settings: Settings) -> None:
     if params.early_stop and params.radius is None:
         raise InputError("early_stop needs a radius")
     for n in (params.n or settings.default_n, params.n0):
         if n > settings.max_n:
             raise InputError(f"n={n} is over this server's cap of {settings.max_n}")
-    card = checkpoint.read_card(checkpoint.resolve(settings.model_dir, params.model))
-    shape = spec(card.dataset).input_shape
-    for name, data in images:
-        if len(data) > settings.max_image_bytes:
-            raise InputError(f"{name}: image file over {settings.max_image_bytes} bytes")
-        load_image(data, shape, name)
 
 
 def _spec(params: Params, images: list[tuple[str, bytes]], settings: Settings) -> JobSpec:
@@ -161,17 +227,13 @@ def _spec(params: Params, images: list[tuple[str, bytes]], settings: Settings) -
                    early_stop=params.early_stop)
 
 
-def _unzip(data: bytes, settings: Settings) -> list[tuple[str, bytes]]:
-    try:
-        with zipfile.ZipFile(io.BytesIO(data)) as z:
-            infos = [i for i in z.infolist() if not i.is_dir()]
-            if len(infos) > settings.max_batch_images:
-                raise InputError(f"zip holds {len(infos)} files, over {settings.max_batch_images}")
-            if any(i.file_size > settings.max_image_bytes for i in infos):
-                raise InputError("a file in the zip is too large")
-            return [(i.filename, z.read(i)) for i in sorted(infos, key=lambda i: i.filename)]
-    except (zipfile.BadZipFile, EOFError):
-        raise InputError("zip: not a valid zip archive") from None
+# -- answering -------------------------------------------------------------------------------
+
+def _submit(backend, spec: JobSpec) -> str:
+    job_id = backend.submit(spec)
+    log.info("job %s submitted: %d image(s), model %s, n=%d", job_id, len(spec.images),
+             spec.model_id, spec.n)
+    return job_id
 
 
 async def _wait(request: Request, backend, job_id: str, seconds: float) -> JobView:
@@ -192,18 +254,17 @@ def _find(backend, job_id: str) -> JobView:
     return view
 
 
-def _count(request: Request, view: JobView) -> None:
-    results = view.result["results"] if view.result else None
-    request.app.state.metrics.job_done(view.id, view.status, results)
+def _status_url(request: Request, job_id: str) -> str:
+    return str(request.url_for("job_status", job_id=job_id))
 
 
 def _accepted(request: Request, view: JobView) -> JSONResponse:
-    url = str(request.url_for("job_status", job_id=view.id))
-    return JSONResponse(_describe(request, view) | {"status_url": url}, status_code=202,
+    url = _status_url(request, view.id)
+    return JSONResponse(_describe(view) | {"status_url": url}, status_code=202,
                         headers={"Location": url})
 
 
-def _describe(request: Request, view: JobView) -> dict[str, Any]:
+def _describe(view: JobView) -> dict[str, Any]:
     return {"id": view.id, "status": view.status, "model_id": view.model_id,
             "progress": {"done": view.done, "total": view.total},
             "results": view.result["results"] if view.result else None, "error": view.error,

@@ -1,28 +1,36 @@
 from fastapi import APIRouter, Request, Response
-from fastapi.responses import JSONResponse
+from fastapi.responses import JSONResponse, PlainTextResponse
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
 from ..backends import BackendUnavailable
-from ..deps import BackendDep
+from ..deps import BackendDep, SettingsDep
+from ..repository import readiness
+from ..schemas import Readiness, errors
 
 router = APIRouter(tags=["health"])
 
 
 @router.get("/healthz")
-def healthz() -> dict:
+def healthz() -> dict[str, str]:
     """Liveness: the process answers; checks no dependency."""
     return {"status": "ok"}
 
 
-@router.get("/readyz")
-def readyz(backend: BackendDep, model: str | None = None) -> JSONResponse:
-    """Readiness: the queue is reachable and a worker serves `model` (or any model)."""
-    ok, reason = backend.ready(model)
+@router.get("/readyz", response_model=Readiness,
+            responses={503: {"model": Readiness, "description": "not ready, and why"},
+                       **errors(422)})
+def readyz(backend: BackendDep, settings: SettingsDep, model: str | None = None) -> JSONResponse:
+    """Readiness: the model repository has `model` (or any model), the queue is reachable and
+    a worker serves it."""
+    ok, reason = readiness(settings.model_dir, model)
+    if ok:
+        ok, reason = backend.ready(model)
     return JSONResponse({"ready": ok, "reason": reason}, status_code=200 if ok else 503)
 
 
-@router.get("/metrics")
+@router.get("/metrics", response_class=PlainTextResponse)
 def metrics(request: Request, backend: BackendDep) -> Response:
+    """Prometheus metrics."""
     m = request.app.state.metrics
     try:
         m.queue_depth.set(backend.queue_depth())

@@ -4,11 +4,13 @@ from splitz import checkpoint
 
 from ..deps import SettingsDep
 from ..limits import ApiKey
+from ..repository import cards
+from ..schemas import errors
 
 router = APIRouter(tags=["models"], dependencies=[ApiKey])
 
 
-@router.get("/models")
-def list_models(settings: SettingsDep) -> list[dict]:
+@router.get("/models", responses=errors(401, 500, 503))
+def list_models(settings: SettingsDep) -> list[checkpoint.ModelCard]:
     """The model repository: every model's card."""
-    return [c.model_dump() for c in checkpoint.list_cards(settings.model_dir)]
+    return cards(settings.model_dir)

@@ -6,6 +6,7 @@ import zipfile
 
 import pytest
 from fastapi.testclient import TestClient
+from PIL import Image
 
 from app.backends import EmbeddedBackend
 from app.main import create_app
@@ -23,7 +24,7 @@ def make_client(repository):
     clients = []
 
     def make(**settings) -> TestClient:
-        app = create_app(Settings(model_dir=repository, default_n=300, **settings))
+        app = create_app(Settings(**{"model_dir": repository, "default_n": 300} | settings))
         client = TestClient(app).__enter__()
         clients.append(client)
         return client
@@ -85,7 +86,8 @@ def test_batch_job_with_files_and_zip(client):
     body = wait_for(client, r.json()["status_url"])
     assert body["status"] == "finished" and body["progress"] == {"done": 5, "total": 5}
     assert [x["name"] for x in body["results"]] == ["0.png", "1.png", "z0.png", "z1.png", "z2.png"]
-    assert [x["seed"] for x in body["results"]] == [0, 1, 2, 3, 4]
+    assert len({x["seed"] for x in body["results"]}) == 5  # drawn by the server, per image
+    assert {x["seed_source"] for x in body["results"]} == {"random"}
 
 
 def test_cancel_a_queued_job_and_429_when_the_queue_is_full(make_client):
@@ -163,7 +165,7 @@ def test_bad_bodies(client):
     r = client.post("/certify", json={"model": TINY, "image": "@@notbase64@@"})
     assert r.status_code == 422 and "base64" in r.json()["error"]
     r = client.post("/jobs", json={"model": TINY, "images": []})
-    assert r.status_code == 422 and "no image" in r.json()["error"]
+    assert r.status_code == 422 and "images" in r.json()["error"]
     r = client.post("/jobs", params={"model": TINY},
                     files=[("zip", ("z.zip", b"PK-not-a-zip", "application/zip"))])
     assert r.status_code == 422 and "zip" in r.json()["error"]
@@ -209,3 +211,131 @@ def test_embedded_wait_returns_when_the_job_ends_not_at_the_deadline(repository)
         assert backend.wait("no-such-job", start + 120) is None
     finally:
         backend.close()
+
+
+# -- hardening (issue 15) ----------------------------------------------------------------------
+
+def png_bomb() -> bytes:
+    """A PNG header claiming 20000x20000 pixels (Pillow's DecompressionBombError)."""
+    from tests.unit.test_images import png_header
+
+    return png_header(20_000, 20_000)
+
+
+def test_a_decompression_bomb_is_a_422_in_both_encodings(client):
+    r = client.post("/certify", params={"model": TINY}, files=upload(png_bomb()))
+    assert r.status_code == 422 and "28x28" in r.json()["error"]
+    r = client.post("/certify", json={"model": TINY, "image": b64(png_bomb())})
+    assert r.status_code == 422 and "28x28" in r.json()["error"]
+
+
+@pytest.mark.parametrize("method,path", [("post", "/certify"), ("post", "/jobs"),
+                                         ("get", "/jobs/" + "0" * 32), ("get", "/models")])
+def test_api_key_with_a_non_ascii_byte_is_a_401(make_client, method, path):
+    client = make_client(api_keys=["s3cret", "clé"])
+    r = getattr(client, method)(path, params={"model": TINY}, headers={"X-API-Key": b"s3cr\xe9t"})
+    assert r.status_code == 401 and "X-API-Key" in r.json()["error"]
+    r = client.get("/models", headers={"X-API-Key": "clé".encode()})
+    assert r.status_code == 200
+
+
+def test_a_missing_model_repository_is_503_and_not_ready(make_client, tmp_path):
+    client = make_client(model_dir=tmp_path / "nowhere")
+    r = client.get("/models")
+    assert r.status_code == 503 and "repository" in r.json()["error"]
+    assert client.get("/readyz").status_code == 503
+
+
+def test_readyz_knows_the_models_in_embedded_mode(client):
+    r = client.get("/readyz", params={"model": "nope"})
+    assert r.status_code == 503 and "unknown model" in r.json()["reason"]
+    assert client.get("/readyz", params={"model": TINY}).status_code == 200
+
+
+def test_names_and_images_of_unequal_length_are_a_422(client):
+    r = client.post("/jobs", json={"model": TINY, "images": [b64(png_bytes(0)), b64(png_bytes(1))],
+                                   "names": ["a"]})
+    assert r.status_code == 422 and "1 names for 2 images" in r.json()["error"]
+
+
+def padded_png(seed: int, size: int) -> bytes:
+    """A valid 28x28 PNG made `size` bytes long by a text chunk (compresses to nothing)."""
+    from PIL.PngImagePlugin import PngInfo
+
+    info = PngInfo()
+    info.add_text("padding", "x" * size)
+    buf = io.BytesIO()
+    Image.open(io.BytesIO(png_bytes(seed))).save(buf, "PNG", pnginfo=info)
+    return buf.getvalue()
+
+
+def test_a_zip_that_decompresses_past_the_cap_is_refused_before_decoding(make_client,
+                                                                         monkeypatch):
+    client = make_client(max_decoded_bytes=1_000_000)
+    decoded = []
+    monkeypatch.setattr("app.routes.certify.canonical_png",
+                        lambda data, shape, name: decoded.append(name) or png_bytes())
+    buf = io.BytesIO()
+    with zipfile.ZipFile(buf, "w", zipfile.ZIP_DEFLATED) as z:
+        for i in range(3):
+            z.writestr(f"z{i}.png", padded_png(i, 500_000))
+    assert len(buf.getvalue()) < 50_000  # small on the wire, 1.5 MB inside
+    r = client.post("/jobs", params={"model": TINY}, files=[("zip", ("z.zip", buf.getvalue()))])
+    assert r.status_code == 422 and "add up" in r.json()["error"]
+    assert decoded == []
+
+
+def test_jobs_carry_the_checked_pixels_not_the_uploaded_file(client, monkeypatch):
+    backend = client.app.state.backend
+    specs = []
+    submit = backend.submit
+    monkeypatch.setattr(backend, "submit", lambda spec: specs.append(spec) or submit(spec))
+    r = client.post("/jobs", params={"model": TINY, "n": 100, "seed": 5},
+                    files=[("images", ("a.png", padded_png(3, 1_500_000), "image/png"))])
+    assert r.status_code == 202, r.text
+    assert len(specs[0].images[0]) < 2000
+    body = wait_for(client, r.json()["status_url"])
+    assert body["results"][0]["seed"] == 5 and body["results"][0]["seed_source"] == "client"
+
+
+def test_metrics_count_jobs_when_they_end_not_when_polled(client):
+    ids = [client.post("/certify", params={"model": TINY, "n": 100, "wait": "false"},
+                       files=upload(png_bytes(i))).json()["id"] for i in range(3)]
+    backend = client.app.state.backend
+    for job_id in ids:  # waited on directly: no client ever polls them
+        assert backend.wait(job_id, time.monotonic() + 60).status == "finished"
+    text = client.get("/metrics").text
+    assert 'splitz_jobs_total{status="submitted"} 3.0' in text
+    assert 'splitz_jobs_total{status="finished"} 3.0' in text
+    assert "splitz_samples_total 600.0" in text
+
+
+def test_a_503_after_enqueueing_names_the_job(client, monkeypatch):
+    from app.backends import BackendUnavailable
+
+    def outage(*args):
+        raise BackendUnavailable("queue unavailable: ConnectionError")
+
+    monkeypatch.setattr(client.app.state.backend, "wait", outage)
+    r = client.post("/certify", params={"model": TINY, "n": 100}, files=upload(png_bytes()))
+    assert r.status_code == 503
+    body = r.json()
+    assert body["job_id"] and body["status_url"].endswith(f"/jobs/{body['job_id']}")
+    assert wait_for(client, body["status_url"])["status"] == "finished"
+
+
+def test_openapi_declares_parameters_bodies_and_the_error_model(client):
+    doc = client.get("/openapi.json").json()
+    op = doc["paths"]["/certify"]["post"]
+    assert {"model", "n", "n0", "alpha", "seed", "radius", "wait", "early_stop"} <= {
+        p["name"] for p in op["parameters"] if p["in"] == "query"}
+    content = op["requestBody"]["content"]
+    assert content["multipart/form-data"]["schema"]["properties"]["image"]["format"] == "binary"
+    assert "image" in content["application/json"]["schema"]["required"]
+    jobs = doc["paths"]["/jobs"]["post"]["requestBody"]["content"]
+    assert {"images", "zip"} <= set(jobs["multipart/form-data"]["schema"]["properties"])
+    for status in ("404", "415", "422", "503"):
+        ref = op["responses"][status]["content"]["application/json"]["schema"]["$ref"]
+        assert ref.endswith("/ErrorBody")
+    assert "HTTPValidationError" not in doc["components"]["schemas"]
+    assert doc["components"]["securitySchemes"]["APIKeyHeader"]["name"] == "X-API-Key"

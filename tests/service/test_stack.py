@@ -42,7 +42,7 @@ def test_batch_of_50_reports_progress(make_stack):
     assert body["status"] == "finished" and len(body["results"]) == 50
     done = [s["progress"]["done"] for s in seen]
     assert done == sorted(done) and len(set(done)) >= 3 and done[-1] == 50
-    assert [x["seed"] for x in body["results"]] == list(range(50))
+    assert len({x["seed"] for x in body["results"]}) == 50  # drawn by the server, per image
 
 
 def started_job(stack: Stack, images: int) -> dict:

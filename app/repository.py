@@ -1,0 +1,29 @@
+"""The model repository as the API sees it: a missing folder is the server's fault (503), not
+the client's, and makes the API unready."""
+
+from pathlib import Path
+
+from splitz import checkpoint
+from splitz.errors import UnknownModelError
+
+
+class RepositoryUnavailable(Exception):
+    """SPLITZ_MODEL_DIR is not a folder."""
+
+
+def cards(model_dir: Path) -> list[checkpoint.ModelCard]:
+    if not Path(model_dir).is_dir():
+        raise RepositoryUnavailable("model repository unavailable")
+    return checkpoint.list_cards(model_dir)
+
+
+def readiness(model_dir: Path, model_id: str | None) -> tuple[bool, str]:
+    """Whether the repository serves `model_id` (or any model)."""
+    try:
+        if model_id is not None:
+            checkpoint.resolve(model_dir, model_id)
+        elif not cards(model_dir):
+            return False, "no model in the repository"
+    except (RepositoryUnavailable, UnknownModelError) as e:
+        return False, str(e)
+    return True, "models found"

@@ -1,0 +1,116 @@
+"""Request and response models: what the routes validate and what the OpenAPI document shows."""
+
+import dataclasses
+from typing import Any, Literal
+
+from pydantic import BaseModel, Field, create_model, model_validator
+
+from splitz.smoothing import SEED_LIMIT, Certificate, RadiusAnswer
+
+
+class Params(BaseModel):
+    """Parameters of a certification request (query string, or the JSON body)."""
+
+    model: str = Field(description="model id (GET /models)")
+    radius: float | None = Field(None, ge=0, allow_inf_nan=False,
+                                 description="also answer whether this l2 radius is certified")
+    n: int | None = Field(None, ge=1, description="noise samples (default: the server's)")
+    n0: int = Field(100, ge=1, description="selection samples")
+    alpha: float = Field(0.001, gt=0, lt=1, description="failure probability")
+    seed: int | None = Field(None, ge=0, le=SEED_LIMIT,
+                             description="noise seed; default: drawn by the server from the OS's "
+                                         "secure generator (seed_source in each result)")
+    early_stop: bool = Field(False, description="with radius: stop sampling once 'certified at "
+                                                "radius?' is decided")
+    wait: bool = Field(True, description="POST /certify: wait for the answer (else 202)")
+
+
+class QueryParams(Params):
+    """The query string: `model` may come in the JSON body instead."""
+
+    model: str | None = Field(None, description="model id (GET /models); required here or in "
+                                                "the JSON body")
+
+
+class CertifyJSON(QueryParams):
+    image: str = Field(description="the PNG or JPEG file, base64")
+
+
+class JobsJSON(QueryParams):
+    images: list[str] = Field(min_length=1, description="PNG or JPEG files, base64")
+    names: list[str] | None = Field(None, description="one name per image (default image-<i>)")
+
+    @model_validator(mode="after")
+    def _one_name_per_image(self) -> "JobsJSON":
+        if self.names is not None and len(self.names) != len(self.images):
+            raise ValueError(f"{len(self.names)} names for {len(self.images)} images")
+        return self
+
+
+class CertifyForm(BaseModel):
+    image: bytes = Field(description="the PNG or JPEG file")
+
+
+class JobsForm(BaseModel):
+    images: list[bytes] = Field([], description="PNG or JPEG files (repeat the field)")
+    zip: bytes | None = Field(None, description="a zip of PNG or JPEG files")
+
+
+def request_body(form: type[BaseModel], json: type[BaseModel]) -> dict[str, Any]:
+    """openapi_extra for a route that reads multipart or JSON itself (its limits need the raw
+    stream): the two bodies it accepts, from the same models the route validates with."""
+    return {"requestBody": {"required": True, "content": {
+        "multipart/form-data": {"schema": form.model_json_schema()},
+        "application/json": {"schema": json.model_json_schema()},
+    }}}
+
+
+class ErrorBody(BaseModel):
+    error: str
+    job_id: str | None = Field(None, description="the job, when one was created")
+    status_url: str | None = None
+
+
+def _answer_model(cls: type, name: str) -> type[BaseModel]:
+    """One image's answer as the API sends it: the engine's dataclass fields, plus its name in
+    the request and the job id (POST /certify)."""
+    fields = {f.name: (f.type, ... if f.default is dataclasses.MISSING else f.default)
+              for f in dataclasses.fields(cls)}
+    return create_model(name, name=(str, ...), job_id=(str | None, None), **fields)
+
+
+CertificateOut = create_model("CertificateOut", __base__=_answer_model(Certificate, "_Cert"),
+                              abstained=(bool, ...))
+RadiusAnswerOut = _answer_model(RadiusAnswer, "RadiusAnswerOut")
+Answer = CertificateOut | RadiusAnswerOut
+
+
+class Progress(BaseModel):
+    done: int
+    total: int
+
+
+class JobStatus(BaseModel):
+    id: str
+    status: Literal["queued", "started", "finished", "failed", "canceled"]
+    model_id: str
+    progress: Progress
+    results: list[Answer] | None
+    error: str | None
+    batched: int | None = Field(None, description="jobs that shared this job's engine pass")
+    status_url: str | None = Field(None, description="in 202 answers: where to poll")
+
+
+class Readiness(BaseModel):
+    ready: bool
+    reason: str
+
+
+def errors(*statuses: int) -> dict[int | str, dict[str, Any]]:
+    """The documented error answers of a route, all {"error": ...}."""
+    what = {401: "missing or invalid X-API-Key (when keys are configured)",
+            404: "unknown model or job", 409: "the job was canceled",
+            413: "request body too large", 415: "send multipart/form-data or application/json",
+            422: "invalid input", 429: "queue full: retry after Retry-After seconds",
+            500: "the job failed on the server", 503: "queue or model repository unavailable"}
+    return {s: {"model": ErrorBody, "description": what[s]} for s in statuses}
