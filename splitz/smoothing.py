@@ -4,7 +4,7 @@ import copy
 import math
 import secrets
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass
 
 import torch
@@ -165,7 +165,8 @@ class Smooth:
     def certify(self, x: Tensor, n0: int = 100, n: int = 100_000, alpha: float = 0.001,
                 seed: int | Sequence[int] | None = 0, radius: float | None = None,
                 progress: bool = False, bound: str = "clopper-pearson",
-                tolerance: float | None = None) -> list[Certificate]:
+                tolerance: float | None = None,
+                on_chunk: Callable[[int], None] | None = None) -> list[Certificate]:
         """Cohen et al.'s CERTIFY at the split, then Theorem 1 for the input-space radius.
 
         With probability at least 1 - alpha (per image) over the randomness here, each returned
@@ -176,7 +177,8 @@ class Smooth:
         adaptive certification with n as the budget (`adaptive_plan`): it stops at the first
         planned look once the radius there is within `tolerance` (relative) of the radius the
         whole budget would give at the same vote share, and abstains as soon as the confidence
-        sequence rules out pA > 1/2.
+        sequence rules out pA > 1/2. on_chunk(m) runs before each chunk of m samples is drawn;
+        what it raises stops sampling (how a running job is canceled).
         """
         _check_sampling(n, alpha, n0)
         if radius is not None:
@@ -190,8 +192,8 @@ class Smooth:
         with torch.inference_mode():
             z = self._features(x)
             streams = self._streams(seeds)
-            bar = tqdm(total=(n0 + n) * len(x), unit="sample", unit_scale=True,
-                       disable=not progress, desc="certify")
+            bar = _Ticker(tqdm(total=(n0 + n) * len(x), unit="sample", unit_scale=True,
+                               disable=not progress, desc="certify"), on_chunk)
             top = self.sample_counts(z, n0, streams, bar).argmax(dim=1).tolist()
             if tolerance is None:
                 n_a = self.sample_counts(z, n, streams, bar).gather(
@@ -233,8 +235,8 @@ class Smooth:
         return certs
 
     def query(self, x: Tensor, radius: float, alpha: float = 0.001, n0: int = 100,
-              n_max: int = 100_000, seed: int | None = 0,
-              bound: str = "clopper-pearson") -> list[RadiusAnswer]:
+              n_max: int = 100_000, seed: int | None = 0, bound: str = "clopper-pearson",
+              on_chunk: Callable[[int], None] | None = None) -> list[RadiusAnswer]:
         """Is each image certified at `radius`? Samples one batch at a time and stops as soon
         as the answer is decided, at most n_max votes.
 
@@ -244,7 +246,7 @@ class Smooth:
         once its lower end passes p*, "not certified" once its upper end falls to p*; at n_max
         the fixed-n `bound` at alpha/2 gets a last say (it agrees with fixed-n CERTIFY where the
         sequence alone would stay undecided). One Ville event covers both answers of the
-        sequence: with probability >= 1 - alpha no answer is wrong."""
+        sequence: with probability >= 1 - alpha no answer is wrong. on_chunk: as in certify."""
         _check_sampling(n_max, alpha, n0)
         _check_radius(radius)
         plan = query_plan(n_max, alpha, _bound(bound))
@@ -263,8 +265,9 @@ class Smooth:
         with torch.inference_mode():
             z = self._features(x)
             streams = self._streams(seeds)
-            tops = self.sample_counts(z, n0, streams).argmax(dim=1).tolist()
-            n_a, drawn = self._rounds(z, streams, tops, n_max, stop)
+            bar = _Ticker(None, on_chunk)
+            tops = self.sample_counts(z, n0, streams, bar).argmax(dim=1).tolist()
+            n_a, drawn = self._rounds(z, streams, tops, n_max, stop, bar)
         answers = []
         for i in range(len(x)):
             low = plan.lower(n_a[i], drawn[i], us[i])
@@ -372,6 +375,23 @@ class Smooth:
         if not torch.isfinite(x).all():
             raise InputError("image contains NaN or infinite values")
         return x.float()
+
+
+class _Ticker:
+    """The progress bar sample_counts updates before each chunk, also calling on_chunk."""
+
+    def __init__(self, bar: tqdm | None, on_chunk: Callable[[int], None] | None):
+        self.bar, self.on_chunk = bar, on_chunk
+
+    def update(self, m: int) -> None:
+        if self.on_chunk is not None:
+            self.on_chunk(m)
+        if self.bar is not None:
+            self.bar.update(m)
+
+    def close(self) -> None:
+        if self.bar is not None:
+            self.bar.close()
 
 
 def _device(name: str) -> torch.device:

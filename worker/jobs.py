@@ -1,7 +1,7 @@
 """Certification jobs: plain functions of JSON-able arguments, shared by the RQ workers and the
 embedded backend. A job certifies its images one by one (image i with seed + i, so results equal
 the engine's `Smooth.certify(images, seed=seed)`; no seed: each image's is drawn securely),
-reporting progress and honouring cancellation between images."""
+reporting progress, and honouring cancellation before each chunk of samples."""
 
 import base64
 import binascii
@@ -86,14 +86,18 @@ def run_certify(spec: JobSpec, models: ModelCache,
     start, results = time.perf_counter(), []
     progress(0, len(images))
     for i, (x, name) in enumerate(images):
-        if canceled():
-            raise Canceled(f"canceled after {i} of {len(images)} images")
+        def check(_samples: int, done: int = i) -> None:
+            if canceled():
+                raise Canceled(f"canceled after {done} of {len(images)} images")
+
+        check(0)
         if spec.is_query:
             answer = smooth.query(x, spec.radius, alpha=spec.alpha, n0=spec.n0, n_max=spec.n,
-                                  seed=spec.image_seed(i))[0]
+                                  seed=spec.image_seed(i), on_chunk=check)[0]
         else:
             answer = smooth.certify(x, n0=spec.n0, n=spec.n, alpha=spec.alpha,
-                                    seed=spec.image_seed(i), radius=spec.radius)[0]
+                                    seed=spec.image_seed(i), radius=spec.radius,
+                                    on_chunk=check)[0]
         results.append({"name": name} | answer.to_dict())
         progress(i + 1, len(images))
     return _result(spec, results, start)

@@ -339,3 +339,18 @@ def test_openapi_declares_parameters_bodies_and_the_error_model(client):
         assert ref.endswith("/ErrorBody")
     assert "HTTPValidationError" not in doc["components"]["schemas"]
     assert doc["components"]["securitySchemes"]["APIKeyHeader"]["name"] == "X-API-Key"
+
+
+def test_cancel_stops_a_running_single_image_job(client, monkeypatch):
+    import threading
+
+    smooth, sampling = client.app.state.backend.models.get(TINY), threading.Event()
+    certify = smooth.certify
+    monkeypatch.setattr(smooth, "certify", lambda *a, **k: sampling.set() or certify(*a, **k))
+    r = client.post("/certify", params={"model": TINY, "n": 1_000_000, "wait": "false"},
+                    files=upload(png_bytes()))
+    url = r.json()["status_url"]
+    assert sampling.wait(60)
+    assert client.delete(url).status_code == 202
+    body = wait_for(client, url)
+    assert body["status"] == "canceled" and body["progress"]["done"] == 0

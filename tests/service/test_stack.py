@@ -128,3 +128,14 @@ def test_rq_wait_wakes_on_the_result_stream_and_on_cancel(make_stack):
     assert time.monotonic() - start < 60  # woken by the result, long before the deadline
     assert backend.wait("0" * 32, start + 1) is None
     backend.close()
+
+
+def test_cancel_stops_a_running_single_image_job(make_stack):
+    stack = make_stack()
+    job = stack.http.post("/jobs", params={"model": TINY_RS, "n": 1_000_000},
+                          files=files(1)).json()
+    while stack.http.get(f"/jobs/{job['id']}").json()["status"] != "started":
+        time.sleep(0.05)
+    assert stack.http.delete(f"/jobs/{job['id']}").status_code == 202
+    body = stack.wait_job(job["id"])
+    assert body["status"] == "canceled" and body["progress"]["done"] == 0
