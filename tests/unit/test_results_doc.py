@@ -36,13 +36,15 @@ def test_difference_uses_the_best_run_of_each_side_per_protocol(results, tmp_pat
              _run(results, tmp_path, "cohen-other", [3.0, 3.0], False, n=10_000)]
     summaries = {r.name: evaluate.summarize(evaluate.read_tsv(r.tsv)) for r in group}
     best = results.best_by_protocol(group, summaries)
-    assert list(best) == ["2 images (every 10), n = 100,000"]  # n = 10,000 has no SPLITZ run
-    splitz, base = best["2 images (every 10), n = 100,000"]
+    protocol = "mnist, 2 images (every 10), n = 100,000"
+    assert sorted(best) == ["mnist, 2 images (every 10), n = 10,000", protocol]
+    assert list(best["mnist, 2 images (every 10), n = 10,000"]) == ["baseline"]  # no SPLITZ run
+    splitz, base = best[protocol]["SPLITZ"], best[protocol]["baseline"]
     assert splitz[0.25] == 1.0 and splitz[1.5] == 0.5  # splitz-b at 0.25, splitz-a at 1.5
     assert base[0.25] == 1.0 and base[1.5] == 0.0
-    row = results.versus(group, summaries)[4]
-    assert row.startswith("| 2 images (every 10), n = 100,000 | +0.0 | +0.0 |")
-    assert "| +50.0 |" in row
+    rows = results.versus(group, summaries)[4:-1]  # only the protocol both sides share
+    assert len(rows) == 1 and rows[0].startswith(f"| {protocol} | +0.0 | +0.0 |")
+    assert "| +50.0 |" in rows[0]
 
 
 def test_published_rows_sit_beside_the_measured_ones(results, tmp_path):
@@ -51,7 +53,10 @@ def test_published_rows_sit_beside_the_measured_ones(results, tmp_path):
     summaries = {r.name: evaluate.summarize(evaluate.read_tsv(r.tsv)) for r in group}
     lines = results.published({("mnist", 1.0): group}, summaries)
     table = "\n".join(lines)
-    assert "| SPLITZ, published |  |  |  |  | 83.1 | 75.9 | 66.2 | 54.3 | 40.5 |" in table
-    assert ("| SPLITZ, here: 2 images (every 10), n = 100,000 | 50.0 | 50.0 | 50.0 | 50.0 | "
-            "50.0 | 50.0 | 50.0 | 0.0 | 0.0 |") in table
-    assert "| baseline, here: 2 images (every 10), n = 100,000 | 100.0 |" in table
+    assert ("| SPLITZ paper (unsound: power-iteration L estimate) |  |  |  |  | 83.1 | 75.9 | "
+            "66.2 | 54.3 | 40.5 |") in table
+    assert "| consistency m=2 (Jeong & Shin 2020), LeNet |  |  |  |  | 78.0–79.5 |" in table
+    assert ("| SPLITZ, here: mnist, 2 images (every 10), n = 100,000 | 50.0 | 50.0 | 50.0 | "
+            "50.0 | 50.0 | 50.0 | 50.0 | 0.0 | 0.0 |") in table
+    assert "| baseline, here: mnist, 2 images (every 10), n = 100,000 | 100.0 |" in table
+    assert "cifar10" not in table.split("### cifar10")[1]  # no CIFAR-10 run: published rows only
