@@ -1,8 +1,10 @@
 # syntax=docker/dockerfile:1
-# CPU image by default; CUDA with: docker build --build-arg TORCH_INDEX=https://download.pytorch.org/whl/cu128 .
+# CPU image by default; CUDA with --build-arg TORCH=cu128 (docker-compose.gpu.yml does).
+# One image for the api and the workers; its HEALTHCHECK is the api's (compose gives the
+# workers their own: splitz worker --check).
 ARG PYTHON=3.11
 FROM python:${PYTHON}-slim AS base
-ARG TORCH_INDEX=https://download.pytorch.org/whl/cpu
+ARG TORCH=cpu
 ENV PYTHONDONTWRITEBYTECODE=1 PYTHONUNBUFFERED=1 PIP_NO_CACHE_DIR=1 \
     SPLITZ_MODEL_DIR=/app/models
 WORKDIR /app
@@ -11,7 +13,7 @@ COPY pyproject.toml README.md ./
 COPY splitz ./splitz
 COPY app ./app
 COPY worker ./worker
-RUN pip install --extra-index-url "${TORCH_INDEX}" .
+RUN pip install --extra-index-url "https://download.pytorch.org/whl/${TORCH}" .
 COPY models ./models
 USER splitz
 EXPOSE 8000

@@ -11,28 +11,71 @@ ROOT = Path(__file__).resolve().parents[2]
 SCHEMA = ROOT.parent / "shared" / "schemas" / "compose-spec.json"
 
 
-def compose() -> dict:
-    return yaml.safe_load((ROOT / "docker-compose.yml").read_text())
+def compose(name: str = "docker-compose.yml") -> dict:
+    return yaml.safe_load((ROOT / name).read_text())
 
 
 def test_compose_file_is_valid_against_the_official_schema():
     schema = json.loads(SCHEMA.read_text())
-    jsonschema.Draft7Validator(schema).validate(compose())
+    for name in ("docker-compose.yml", "docker-compose.gpu.yml"):
+        jsonschema.Draft7Validator(schema).validate(compose(name))
 
 
 def test_compose_services_are_configured_as_designed():
     s = compose()["services"]
     assert "ports" not in s["redis"]
-    assert {"--appendonly", "yes", "noeviction"} <= set(s["redis"]["command"])
+    assert {"--appendonly", "yes", "--appendfsync", "always", "noeviction"} <= set(
+        s["redis"]["command"])
     assert "healthcheck" in s["redis"] and "healthcheck" in s["api"]
     assert s["api"]["depends_on"]["redis"]["condition"] == "service_healthy"
-    gpu = s["worker"]["deploy"]["resources"]["reservations"]["devices"][0]
-    assert gpu["capabilities"] == ["gpu"]
     grace = int(s["worker"]["stop_grace_period"].rstrip("s"))
     from app.settings import Settings
 
     assert grace > Settings().job_timeout_s
     assert s["worker"]["command"] == ["splitz", "worker"]
+
+
+def test_workers_are_built_checked_by_their_heartbeat_and_need_no_gpu():
+    """The worker inherited the image's HTTP healthcheck (always unhealthy), reserved an NVIDIA
+    GPU while running CPU torch (compose up failed without the NVIDIA runtime) and had no
+    build: of its own."""
+    worker = compose()["services"]["worker"]
+    assert worker["build"] == "." and worker["image"] == compose()["services"]["api"]["image"]
+    assert worker["healthcheck"]["test"] == ["CMD", "splitz", "worker", "--check"]
+    assert "deploy" not in worker
+    assert worker["environment"]["SPLITZ_DEVICE"] == "${SPLITZ_DEVICE:-cpu}"
+    gpu = compose("docker-compose.gpu.yml")["services"]["worker"]
+    devices = gpu["deploy"]["resources"]["reservations"]["devices"]
+    assert devices[0]["capabilities"] == ["gpu"] and gpu["environment"]["SPLITZ_DEVICE"] == "cuda"
+    assert gpu["build"]["args"]["TORCH"].startswith("cu")
+
+
+def ignored(path: str) -> bool:
+    """Docker's .dockerignore rule for these patterns: the last pattern that matches wins."""
+    import fnmatch
+
+    verdict = False
+    for line in (ROOT / ".dockerignore").read_text().splitlines():
+        line = line.strip()
+        if not line or line.startswith("#"):
+            continue
+        keep, pattern = line.startswith("!"), line.lstrip("!").rstrip("/")
+        parts = path.split("/")
+        prefixes = ["/".join(parts[: i + 1]) for i in range(len(parts))]
+        if any(fnmatch.fnmatch(p, pattern) or fnmatch.fnmatch(p, pattern.replace("**/", ""))
+               for p in prefixes):
+            verdict = not keep
+    return verdict
+
+
+def test_the_build_context_is_what_the_dockerfile_copies():
+    copied = [src for w, rest in dockerfile_instructions() if w == "COPY"
+              for src in rest.split()[:-1]]
+    assert copied and not any(ignored(src) for src in copied)
+    assert not ignored("splitz/cli.py") and not ignored("models/mnist-splitz-quick/card.json")
+    for heavy in (".venv/lib/x.py", "runs/a/b.pt", ".git/HEAD", "data/MNIST/raw/x",
+                  "splitz/__pycache__/cli.cpython-311.pyc"):
+        assert ignored(heavy), heavy
 
 
 def dockerfile_instructions() -> list[tuple[str, str]]:
