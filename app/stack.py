@@ -37,12 +37,18 @@ class RedisServer:
     def start(self) -> None:
         self.proc = subprocess.Popen(
             [self.binary, "--port", str(self.port), "--bind", "127.0.0.1", "--save", "",
-             "--appendonly", "yes", "--dir", str(self.dir), "--maxmemory-policy", "noeviction"],
+             "--appendonly", "yes", "--appendfsync", "always", "--dir", str(self.dir),
+             "--maxmemory-policy", "noeviction"],
             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
         _wait(lambda: _connects(self.port), "redis-server to start")
 
     def stop(self) -> None:
         self.proc.send_signal(signal.SIGTERM)  # graceful: the AOF is flushed
+        self.proc.wait(10)
+
+    def kill(self) -> None:
+        """A crash: SIGKILL (appendfsync always: every acknowledged write is in the AOF)."""
+        self.proc.kill()
         self.proc.wait(10)
 
 
@@ -52,10 +58,7 @@ class Stack:
     def __init__(self, redis: RedisServer, model_dir: Path, logdir: Path, workers: int = 1,
                  **settings: str):
         self.redis, self.logdir, self.port = redis, logdir, free_port()
-        self.env = os.environ | {
-            "SPLITZ_REDIS_URL": redis.url, "SPLITZ_MODEL_DIR": str(model_dir),
-            "SPLITZ_HEARTBEAT_S": "1", "SPLITZ_DEFAULT_N": "300", "PYTHONPATH": str(ROOT),
-        } | {f"SPLITZ_{k.upper()}": str(v) for k, v in settings.items()}
+        self.env = environment(redis.url, model_dir, **{"heartbeat_s": 1} | settings)
         self.api = self._spawn("api", "serve", "--port", str(self.port))
         self.workers = [self.add_worker() for _ in range(workers)]
         self.url = f"http://127.0.0.1:{self.port}"
@@ -63,9 +66,7 @@ class Stack:
         _wait(lambda: self._ready(), "the API and a worker to be ready", timeout=120)
 
     def _spawn(self, name: str, *args: str) -> subprocess.Popen:
-        with open(self.logdir / f"{name}-{time.monotonic_ns()}.log", "w") as log:
-            return subprocess.Popen([sys.executable, "-m", "splitz", *args], env=self.env,
-                                    stdout=log, stderr=subprocess.STDOUT, cwd=ROOT)
+        return spawn(self.env, self.logdir, name, *args)
 
     def add_worker(self) -> subprocess.Popen:
         return self._spawn("worker", "worker")
@@ -93,6 +94,20 @@ class Stack:
             if p.poll() is None:
                 p.kill()
                 p.wait(10)
+
+
+def environment(redis_url: str, model_dir: Path, **settings) -> dict[str, str]:
+    """The environment of the stack's processes: SPLITZ_* settings (small default n)."""
+    return os.environ | {"PYTHONPATH": str(ROOT)} | {
+        f"SPLITZ_{k.upper()}": str(v) for k, v in
+        ({"redis_url": redis_url, "model_dir": model_dir, "default_n": 300} | settings).items()}
+
+
+def spawn(env: dict[str, str], logdir: Path, name: str, *args: str) -> subprocess.Popen:
+    """`splitz ARGS` as a process, its output in logdir/NAME-*.log."""
+    with open(logdir / f"{name}-{time.monotonic_ns()}.log", "w") as log:
+        return subprocess.Popen([sys.executable, "-m", "splitz", *args], env=env, stdout=log,
+                                stderr=subprocess.STDOUT, cwd=ROOT)
 
 
 def _connects(port: int) -> bool:

@@ -1,0 +1,92 @@
+"""Faults as an operator meets them: Redis killed mid-job and restarted from its AOF, a worker
+started before Redis, jobs whose heartbeats lapse during an outage."""
+
+import time
+
+import pytest
+import redis
+from rq.job import Job
+from rq.results import Result
+from rq.serializers import JSONSerializer
+
+from app.stack import RedisServer, Stack, environment, spawn
+from worker.main import METRICS_KEY
+
+from .conftest import TINY_RS, files, redis_binary
+
+pytestmark = pytest.mark.slow
+
+
+def running(stack: Stack, ids: list[str]) -> None:
+    """Wait until some of the jobs report progress."""
+    deadline = time.monotonic() + 120
+    while time.monotonic() < deadline:
+        if sum(stack.http.get(f"/jobs/{j}").json()["progress"]["done"] for j in ids) >= 2:
+            return
+        time.sleep(0.1)
+    raise AssertionError("no job made progress")
+
+
+def outage(server: RedisServer, seconds: float) -> None:
+    server.kill()
+    time.sleep(seconds)
+    server.start()
+
+
+def successes(url: str, job_id: str) -> int:
+    """Results written for a job that finished (one per execution that wrote one)."""
+    conn = redis.Redis.from_url(url)
+    job = Job.fetch(job_id, connection=conn, serializer=JSONSerializer)
+    return sum(r.type == Result.Type.SUCCESSFUL for r in Result.all(job, JSONSerializer))
+
+
+@pytest.mark.parametrize("seconds,heartbeat", [(3, 5), (8, 1)])
+def test_workers_outlive_a_redis_crash_and_every_job_finishes_once(make_stack, redis_server,
+                                                                  seconds, heartbeat):
+    """kill -9 of Redis while jobs report progress, restart from the AOF. At heartbeat 1 s the
+    outage outlasts the leases: RQ retries the jobs, and the workers that held them must drop
+    them without writing, so each job still has exactly one result."""
+    stack = make_stack(workers=2, heartbeat_s=heartbeat, job_retries=3)
+    ids = [stack.http.post("/jobs", params={"model": TINY_RS, "n": 20_000},
+                           files=files(6, start=6 * k)).json()["id"] for k in range(4)]
+    running(stack, ids)
+    outage(redis_server, seconds)
+    bodies = [stack.wait_job(j, timeout=300) for j in ids]
+    assert [b["status"] for b in bodies] == ["finished"] * 4
+    assert all(len(b["results"]) == 6 for b in bodies)
+    assert all(w.poll() is None for w in stack.workers)  # both workers still alive
+    assert [successes(redis_server.url, j) for j in ids] == [1] * 4
+    counts = redis.Redis.from_url(redis_server.url).hgetall(METRICS_KEY)
+    assert int(counts[b"finished"]) == 4
+
+
+def test_a_worker_started_before_redis_waits_for_it(repository, tmp_path):
+    server = RedisServer(tmp_path, redis_binary())
+    server.kill()  # its port is known and nothing listens on it
+    worker = spawn(environment(server.url, repository), tmp_path, "worker", "worker")
+    try:
+        time.sleep(3)
+        assert worker.poll() is None  # waiting, not a traceback
+        server.start()
+        conn, deadline = redis.Redis.from_url(server.url), time.monotonic() + 60
+        while not conn.keys("rq:worker:*") and time.monotonic() < deadline:
+            time.sleep(0.2)
+        assert conn.keys("rq:worker:*") and worker.poll() is None
+    finally:
+        worker.kill()
+        worker.wait(10)
+        server.proc.kill()
+
+
+def test_worker_healthcheck(make_stack):
+    import subprocess
+    import sys
+
+    stack = make_stack()
+    check = [sys.executable, "-m", "splitz", "worker", "--check"]
+    ok = subprocess.run(check, env=stack.env, capture_output=True, text=True, timeout=60)
+    assert ok.returncode == 0, ok.stdout + ok.stderr
+    stack.workers[0].kill()
+    stack.workers[0].wait(10)
+    dead = subprocess.run(check, env=stack.env, capture_output=True, text=True, timeout=60)
+    assert dead.returncode == 1 and "no live worker" in dead.stdout
