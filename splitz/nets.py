@@ -1,12 +1,18 @@
 """Architectures with an explicit split f = f2 ∘ f1, and a registry that builds them by name.
 
-Every architecture is a flat list of layers that starts with `Normalize` and the first conv; the
-split cuts that list. `split="conv1"` (SPLITZ) puts normalization, conv1 and a clipped ReLU with
-learnable per-unit thresholds in f1; `split="input"` makes f1 the identity (plain randomized
-smoothing: noise on the pixels, normalization moves into f2).
+splitz's own architectures are a flat list of layers that starts with `Normalize` and the first
+conv; the split cuts that list. `split="conv1"` (SPLITZ) puts normalization, conv1 and a clipped
+ReLU with learnable per-unit thresholds in f1; `split="input"` makes f1 the identity (plain
+randomized smoothing: noise on the pixels, normalization moves into f2).
+
+Whole networks made elsewhere (torchvision's ResNets, the CIFAR ResNet of the published smoothing
+code) keep their own module names, so their checkpoints load by name. They put BatchNorm right
+after their first conv, which leaves no affine + clipped-ReLU f1 to bound: they take only
+`split="input"`, with f2 = Normalize + the network.
 """
 
 from collections.abc import Callable
+from functools import partial
 
 import torch
 import torch.nn.functional as F
@@ -67,8 +73,10 @@ class SplitModel(nn.Module):
 
 # -- the registry ------------------------------------------------------------------------------
 
-Builder = Callable[..., list[nn.Module]]
+Builder = Callable[..., tuple[nn.Module, list[nn.Module]]]  # (conv1, the layers after it)
+NetworkBuilder = Callable[..., nn.Module]  # a whole network that takes normalized images
 _REGISTRY: dict[str, Builder] = {}
+_NETWORKS: dict[str, NetworkBuilder] = {}
 
 
 def register(name: str) -> Callable[[Builder], Builder]:
@@ -79,24 +87,57 @@ def register(name: str) -> Callable[[Builder], Builder]:
     return add
 
 
+def register_network(name: str, builder: NetworkBuilder) -> None:
+    _NETWORKS[name] = builder
+
+
 def list_architectures() -> list[str]:
-    return sorted(_REGISTRY)
+    return sorted(_REGISTRY.keys() | _NETWORKS.keys())
 
 
-def create_model(arch: str, dataset: str, split: str = "conv1", sigma: float = 0.5,
-                 **kwargs) -> SplitModel:
-    """Build architecture `arch` for `dataset`, split at `split` ("input" or "conv1")."""
-    if arch not in _REGISTRY:
+def is_network(arch: str) -> bool:
+    """Whether `arch` is a whole network (f2 = Normalize + it; its checkpoints hold its keys)."""
+    return arch in _NETWORKS
+
+
+def splits(arch: str) -> tuple[str, ...]:
+    return ("input",) if is_network(arch) else SPLITS
+
+
+def create_model(arch: str, dataset: str | DatasetSpec, split: str = "conv1",
+                 sigma: float = 0.5, **kwargs) -> SplitModel:
+    """Build architecture `arch` for `dataset` (a data set name or a spec), split at `split`."""
+    if arch not in list_architectures():
         raise ValueError(f"unknown architecture {arch!r}; known: {', '.join(list_architectures())}")
     if split not in SPLITS:
         raise ValueError(f"unknown split {split!r}; known: {', '.join(SPLITS)}")
-    ds = spec(dataset)
+    if split not in splits(arch):
+        raise ValueError(f"architecture {arch} takes split 'input' only: BatchNorm follows its "
+                         f"first conv, so there is no affine + clipped-ReLU f1 to bound")
+    ds = dataset if isinstance(dataset, DatasetSpec) else spec(dataset)
+    if is_network(arch):
+        net = _NETWORKS[arch](ds, **kwargs)
+        return SplitModel(nn.Sequential(), nn.Sequential(Normalize(ds.mean, ds.std), net), sigma,
+                          ds)
     conv1, rest = _REGISTRY[arch](ds, **kwargs)
     out_shape = _output_shape(conv1, ds.input_shape)
     act = ClipReLU(out_shape) if split == "conv1" else nn.ReLU()
     layers = [Normalize(ds.mean, ds.std), conv1, act, *rest]
     cut = 0 if split == "input" else 3
     return SplitModel(nn.Sequential(*layers[:cut]), nn.Sequential(*layers[cut:]), sigma, ds)
+
+
+def normalization_mismatch(model: SplitModel) -> str | None:
+    """Which Normalize buffer differs from the model's spec (weights that hold another
+    normalization than their card says: the weights would win, unseen), or None."""
+    for name, m in model.named_modules():
+        if isinstance(m, Normalize):
+            for key, want in (("mean", model.spec.mean), ("std", model.spec.std)):
+                have = getattr(m, key).flatten()
+                if not torch.equal(have, torch.tensor(want, dtype=have.dtype)):
+                    shown = ", ".join(f"{v:.6g}" for v in have.tolist())
+                    return f"{name}.{key} is ({shown}), the card's {key} is {tuple(want)}"
+    return None
 
 
 def _output_shape(layer: nn.Module, input_shape: tuple[int, ...]) -> tuple[int, ...]:
@@ -167,3 +208,66 @@ def resnet(ds: DatasetSpec, depth: int = 20, width: int = 16) -> tuple[nn.Module
             c = c_out
     rest = [*blocks, nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(c, ds.num_classes)]
     return conv1, rest
+
+
+# -- whole networks made elsewhere -------------------------------------------------------------
+
+class CifarResNet(nn.Module):
+    """The CIFAR ResNet of the published smoothing code (locuslab/smoothing and
+    jh-jeong/smoothing-consistency, archs/cifar_resnet.py, from bearpaw/pytorch-classification),
+    with its module names: conv1 (no bias), bn1, relu, layer1..3 of basic blocks (torchvision's
+    BasicBlock has the same names and computation, `downsample` = 1x1 conv + BN), avgpool (8x8:
+    32x32 inputs only), fc. Depth 6k + 2: cifar_resnet20 and cifar_resnet110 as published."""
+
+    def __init__(self, depth: int, num_classes: int, in_channels: int = 3):
+        from torchvision.models.resnet import BasicBlock as TorchvisionBlock
+
+        super().__init__()
+        if (depth - 2) % 6:
+            raise ValueError(f"CIFAR ResNet depth must be 6k+2, got {depth}")
+        k, self.inplanes = (depth - 2) // 6, 16
+        self.conv1 = nn.Conv2d(in_channels, 16, kernel_size=3, padding=1, bias=False)
+        self.bn1 = nn.BatchNorm2d(16)
+        self.relu = nn.ReLU(inplace=True)
+        self.layer1, self.layer2, self.layer3 = (
+            self._layer(TorchvisionBlock, planes, k, stride)
+            for planes, stride in ((16, 1), (32, 2), (64, 2)))
+        self.avgpool = nn.AvgPool2d(8)
+        self.fc = nn.Linear(64, num_classes)
+
+    def _layer(self, block: type[nn.Module], planes: int, blocks: int, stride: int) -> nn.Module:
+        downsample = None
+        if stride != 1 or self.inplanes != planes:
+            downsample = nn.Sequential(
+                nn.Conv2d(self.inplanes, planes, kernel_size=1, stride=stride, bias=False),
+                nn.BatchNorm2d(planes))
+        layers = [block(self.inplanes, planes, stride, downsample)]
+        self.inplanes = planes
+        layers += [block(planes, planes) for _ in range(1, blocks)]
+        return nn.Sequential(*layers)
+
+    def forward(self, x: Tensor) -> Tensor:
+        x = self.relu(self.bn1(self.conv1(x)))
+        x = self.avgpool(self.layer3(self.layer2(self.layer1(x))))
+        return self.fc(torch.flatten(x, 1))
+
+
+def _cifar_resnet(depth: int, ds: DatasetSpec) -> nn.Module:
+    return CifarResNet(depth, ds.num_classes, ds.input_shape[0])
+
+
+def _torchvision(name: str, ds: DatasetSpec, **kwargs) -> nn.Module:
+    """torchvision's builder with random weights (never a download); any input size from 32x32."""
+    from torchvision import models  # here: only these architectures need it
+
+    if ds.input_shape[0] != 3:
+        raise ValueError(f"{name} takes 3-channel images, not {ds.input_shape[0]}")
+    return models.get_model(name, weights=None, num_classes=ds.num_classes, **kwargs)
+
+
+for _depth in (20, 110):
+    register_network(f"cifar_resnet{_depth}", partial(_cifar_resnet, _depth))
+TORCHVISION = ("resnet18", "resnet34", "resnet50", "resnet101", "resnet152", "wide_resnet50_2",
+               "wide_resnet101_2")
+for _name in TORCHVISION:
+    register_network(_name, partial(_torchvision, _name))

@@ -3,19 +3,32 @@
 import pytest
 import torch
 
-from splitz.data import SPECS
-from splitz.nets import SPLITS, ClipReLU, Normalize, create_model, list_architectures
+from splitz.data import SPECS, DatasetSpec
+from splitz.nets import (
+    TORCHVISION,
+    ClipReLU,
+    Normalize,
+    create_model,
+    is_network,
+    list_architectures,
+    splits,
+)
 
+# Whole networks run on CIFAR-10's 32x32 (torchvision's ResNets take any size from 32x32).
 SMALL = {"lenet": ("mnist", {}), "lenet_small": ("mnist", {}),
-         "resnet": ("cifar10", {"depth": 8})}
+         "resnet": ("cifar10", {"depth": 8}),
+         **{name: ("cifar10", {}) for name in ("cifar_resnet20", "cifar_resnet110", *TORCHVISION)}}
+LARGE = {"cifar_resnet110", "resnet101", "resnet152", "wide_resnet101_2"}  # seconds on a CPU
+CASES = [pytest.param(arch, split, marks=[pytest.mark.slow] if arch in LARGE else [])
+         for arch in list_architectures() for split in splits(arch)]
 
 
 def test_every_architecture_has_a_test_config():
     assert set(list_architectures()) == set(SMALL)
+    assert {"resnet18", "resnet50", "wide_resnet50_2"} <= set(TORCHVISION)
 
 
-@pytest.mark.parametrize("split", SPLITS)
-@pytest.mark.parametrize("arch", list_architectures())
+@pytest.mark.parametrize("arch,split", CASES)
 def test_shapes_finite_and_gradients_reach_every_parameter(arch, split):
     dataset, kwargs = SMALL[arch]
     model = create_model(arch, dataset, split, sigma=0.25, **kwargs).train()
@@ -31,10 +44,15 @@ def test_shapes_finite_and_gradients_reach_every_parameter(arch, split):
 @pytest.mark.parametrize("arch", list_architectures())
 def test_split_layout(arch):
     dataset, kwargs = SMALL[arch]
-    splitz = create_model(arch, dataset, "conv1", 0.5, **kwargs)
     cohen = create_model(arch, dataset, "input", 0.5, **kwargs)
-    assert [type(m) for m in splitz.f1][::2] == [Normalize, ClipReLU]
     assert len(cohen.f1) == 0 and isinstance(cohen.f2[0], Normalize)
+    if is_network(arch):  # BatchNorm after conv1: no affine + clipped-ReLU f1 to split off
+        assert splits(arch) == ("input",) and len(cohen.f2) == 2
+        with pytest.raises(ValueError, match=f"{arch} takes split 'input' only"):
+            create_model(arch, dataset, "conv1", 0.5, **kwargs)
+    else:
+        splitz = create_model(arch, dataset, "conv1", 0.5, **kwargs)
+        assert [type(m) for m in splitz.f1][::2] == [Normalize, ClipReLU]
 
 
 def test_noise_only_when_asked():
@@ -79,3 +97,24 @@ def test_resnet110_is_the_published_cifar_network():
     blocks = [m for m in model.f2.modules() if m.__class__.__name__ == "BasicBlock"]
     assert len(blocks) == 54
     assert sum(p.numel() for p in model.parameters()) == 1_730_714 - 32 + 16
+
+
+@pytest.mark.parametrize("depth,weights", [(20, 272_474), (110, 1_730_714)])
+def test_cifar_resnet_is_the_published_network_by_name(depth, weights):
+    """bearpaw's CIFAR ResNet as locuslab/smoothing and jh-jeong/smoothing-consistency ship it
+    (archs/cifar_resnet.py): its parameter count, and its key names, so its checkpoints load."""
+    net = create_model(f"cifar_resnet{depth}", "cifar10", "input", 0.5).f2[1]
+    assert sum(p.numel() for p in net.parameters()) == weights
+    keys = net.state_dict().keys()
+    assert {"conv1.weight", "bn1.running_var", "layer2.0.downsample.0.weight",
+            "layer3.0.downsample.1.running_mean", "layer3.1.conv2.weight", "fc.bias"} <= keys
+    assert "conv1.bias" not in keys and not any(k.startswith("layer4") for k in keys)
+
+
+def test_torchvision_networks_take_other_sizes_but_only_rgb():
+    ds = DatasetSpec("custom", (3, 48, 64), ("a", "b", "c"), (0.5, 0.5, 0.5), (0.25, 0.25, 0.25))
+    model = create_model("resnet18", ds, "input", 0.5).eval()
+    assert model(torch.rand(2, 3, 48, 64)).shape == (2, 3)
+    gray = DatasetSpec("gray", (1, 48, 48), ("a", "b"), (0.5,), (0.25,))
+    with pytest.raises(ValueError, match="3-channel"):
+        create_model("resnet18", gray, "input", 0.5)
