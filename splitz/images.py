@@ -2,7 +2,8 @@
 
 The format, size and mode are read from the header and checked before any pixel is decoded, so
 an image's decoded size is bounded by the model's input whatever its file claims (a 20000x20000
-PNG of a few hundred KB is refused without allocating it)."""
+PNG of a few hundred KB is refused without allocating it). A model whose card declares
+preprocessing (resize, center crop) takes any size up to MAX_PIXELS and certifies the result."""
 
 import io
 from pathlib import Path
@@ -10,47 +11,94 @@ from pathlib import Path
 import numpy as np
 import torch
 from PIL import Image, UnidentifiedImageError
+from pydantic import BaseModel, ConfigDict, PositiveInt
 
 from .errors import InputError
 
 FORMATS = ("PNG", "JPEG")
 MODES = {1: "L", 3: "RGB"}
+MAX_PIXELS = 4096 * 4096  # before preprocessing, checked in the header
+
+Size = PositiveInt | tuple[PositiveInt, PositiveInt]
+
+
+class Preprocess(BaseModel):
+    """torchvision's Resize, then CenterCrop, on the decoded 8-bit image (bilinear, antialiased),
+    before certification: the certificate's radius is in the pixel space of the result."""
+
+    model_config = ConfigDict(extra="forbid")
+    resize: Size | None = None  # an int sets the shorter side (aspect kept); (height, width) both
+    center_crop: Size | None = None  # (height, width); an int is a square
+
+    def output_size(self) -> tuple[int, int] | None:
+        """The (height, width) every image ends at, None where it depends on the image."""
+        if self.center_crop is not None:
+            return tuple(_sizes(self.center_crop) * 2)[:2]
+        return tuple(self.resize) if isinstance(self.resize, tuple) else None
+
+    def describe(self) -> str:
+        """E.g. "resize 256, center crop 224"."""
+        return ", ".join(f"{key.replace('_', ' ')} {'x'.join(map(str, _sizes(size)))}"
+                         for key, size in self.model_dump(exclude_none=True).items())
+
+    def apply(self, img: Image.Image) -> Image.Image:
+        from torchvision.transforms import functional  # here: only preprocessing models need it
+
+        if self.resize is not None:
+            img = functional.resize(img, _sizes(self.resize))
+        if self.center_crop is not None:
+            img = functional.center_crop(img, _sizes(self.center_crop))
+        return img
+
+
+def _sizes(size: int | tuple[int, int]) -> list[int]:
+    return [size] if isinstance(size, int) else list(size)
 
 
 def load_image(source: str | Path | bytes, shape: tuple[int, int, int],
-               name: str | None = None) -> torch.Tensor:
+               name: str | None = None, preprocess: Preprocess | None = None) -> torch.Tensor:
     """Decode and check one image; `shape` is the model's (channels, height, width)."""
     name = name or (str(source) if not isinstance(source, bytes) else "image")
     try:
         data = source if isinstance(source, bytes) else Path(source).read_bytes()
     except OSError as e:
         raise InputError(f"{name}: cannot read file ({e.strerror})") from None
-    x = torch.from_numpy(decode(data, shape, name).copy()).float() / 255.0
+    x = torch.from_numpy(decode(data, shape, name, preprocess).copy()).float() / 255.0
     return x.unsqueeze(0) if shape[0] == 1 else x.permute(2, 0, 1)
 
 
-def canonical_png(data: bytes, shape: tuple[int, int, int], name: str) -> bytes:
-    """The image's pixels, checked as load_image checks them, as a plain PNG: what a job carries
-    to the workers (no metadata or padding, so its size is bounded by the model's input), and
-    load_image reads exactly the same pixels back."""
+def canonical_png(data: bytes, shape: tuple[int, int, int], name: str,
+                  preprocess: Preprocess | None = None) -> bytes:
+    """The image's pixels, checked (and preprocessed) as load_image does, as a plain PNG: what a
+    job carries to the workers (no metadata or padding, so its size is bounded by the model's
+    input), and load_image without preprocessing reads exactly the same pixels back."""
     buf = io.BytesIO()
-    Image.fromarray(decode(data, shape, name)).save(buf, "PNG")
+    Image.fromarray(decode(data, shape, name, preprocess)).save(buf, "PNG")
     return buf.getvalue()
 
 
-def decode(data: bytes, shape: tuple[int, int, int], name: str) -> np.ndarray:
-    """The pixels, (H, W) or (H, W, 3) uint8, after the header checks."""
+def decode(data: bytes, shape: tuple[int, int, int], name: str,
+           preprocess: Preprocess | None = None) -> np.ndarray:
+    """The pixels, (H, W) or (H, W, 3) uint8, after the header checks (and preprocessing)."""
     c, h, w = shape
     try:
         with Image.open(io.BytesIO(data)) as img:
             if img.format not in FORMATS:
                 raise InputError(f"{name}: {img.format or 'unknown'} image; use PNG or JPEG")
-            if img.size != (w, h):
+            if preprocess is None and img.size != (w, h):
                 raise InputError(f"{name}: image is {img.width}x{img.height}, the model needs "
                                  f"{w}x{h}")
+            if img.width * img.height > MAX_PIXELS:
+                raise InputError(f"{name}: image is {img.width}x{img.height}, more than "
+                                 f"{MAX_PIXELS:,} pixels")
             if img.mode != MODES.get(c):
                 raise InputError(f"{name}: image mode {img.mode}, the model needs {MODES.get(c)}")
             img.load()
+            if preprocess is not None:
+                img = preprocess.apply(img)
+                if img.size != (w, h):
+                    raise InputError(f"{name}: preprocessed to {img.width}x{img.height}, the "
+                                     f"model needs {w}x{h}")
             return np.asarray(img)
     except Image.DecompressionBombError:  # Pillow's own limit, met in the header before ours
         raise InputError(f"{name}: image too large, the model needs {w}x{h}") from None

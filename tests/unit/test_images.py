@@ -101,3 +101,39 @@ def _padding(size: int):
     info = PngInfo()
     info.add_text("padding", "x" * size)
     return info
+
+
+def test_preprocessing_is_torchvisions_resize_then_center_crop():
+    from torchvision import transforms
+
+    from splitz.images import Preprocess, canonical_png
+
+    rng = np.random.default_rng(1)
+    img = Image.fromarray(rng.integers(0, 255, (90, 120, 3), np.uint8))
+    buf = io.BytesIO()
+    img.save(buf, "PNG")
+    prep = Preprocess(resize=64, center_crop=56)
+    x = load_image(buf.getvalue(), (3, 56, 56), preprocess=prep)
+    reference = transforms.Compose([transforms.Resize(64), transforms.CenterCrop(56),
+                                    transforms.PILToTensor()])(img).float() / 255
+    assert torch.equal(x, reference)
+    assert prep.describe() == "resize 64, center crop 56" and prep.output_size() == (56, 56)
+    # a job carries the preprocessed pixels; read back without preprocessing they are the same
+    carried = canonical_png(buf.getvalue(), (3, 56, 56), "a", prep)
+    assert torch.equal(load_image(carried, (3, 56, 56)), x)
+
+
+def test_preprocessing_still_checks_the_header_first(monkeypatch):
+    from PIL import ImageFile
+
+    from splitz.images import MAX_PIXELS, Preprocess
+
+    def no_decoding(self):
+        raise AssertionError("pixels decoded")
+
+    monkeypatch.setattr(ImageFile.ImageFile, "load", no_decoding)
+    side = int(MAX_PIXELS**0.5) + 1
+    with pytest.raises(InputError, match=f"{side}x{side}, more than"):
+        load_image(png_header(side, side), (1, 28, 28), preprocess=Preprocess(center_crop=28))
+    with pytest.raises(InputError, match="mode L, the model needs RGB"):
+        load_image(png_header(40, 40), (3, 28, 28), preprocess=Preprocess(center_crop=28))
