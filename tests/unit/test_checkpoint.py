@@ -4,10 +4,13 @@ import json
 
 import pytest
 import torch
+from safetensors.torch import load_file
 
 from splitz import Smooth, checkpoint
 from splitz.errors import CheckpointError, UnknownModelError
 from splitz.nets import create_model
+
+from ..conftest import ROOT
 
 
 def card(**over) -> checkpoint.ModelCard:
@@ -93,3 +96,69 @@ def test_the_cards_batch_size_is_the_engines_default(tmp_path):
     assert cert.batch_size == 37  # recorded: with the seed it reproduces the draws
     with pytest.raises(ValueError):
         card(batch_size=0)
+
+
+def test_a_known_data_set_gives_the_input_and_a_card_may_declare_its_own():
+    from splitz.data import SPECS
+
+    assert card().spec() == SPECS["mnist"]
+    own = card(dataset="digits", input_shape=(1, 20, 20), classes=3, mean=[0.5], std=[0.25])
+    assert own.spec().input_shape == (1, 20, 20) and own.spec().classes == ("0", "1", "2")
+    assert card(mean=[0.0], std=[1.0]).spec().mean == (0.0,)  # overrides mnist's
+    model = create_model("lenet", own.spec(), "conv1", 0.5)
+    assert model(torch.rand(2, 1, 20, 20)).shape == (2, 3)
+
+
+@pytest.mark.parametrize("over,message", [
+    ({"dataset": "digits"}, "input_shape, classes, mean, std required"),
+    ({"std": [0.5, 0.5]}, "std has 2 values for 1 channel(s)"),
+    ({"classes": ["only"]}, "has 1 class(es)"),
+    ({"pixel_range": (0, 255)}, "field pixel_range: certificates are stated for pixels in [0, 1]"),
+    ({"preprocess": {"resize": [30, 30]}}, "must end at the input size 28x28"),
+    ({"preprocess": {"crop": 28}}, "field preprocess.crop: Extra inputs"),
+    ({"sigma_pixels": 0.5}, "field sigma_pixels: Extra inputs are not permitted"),
+])
+def test_cards_that_describe_no_input(tmp_path, saved, over, message):
+    _, path = saved
+    (path / "card.json").write_text(json.dumps(card().model_dump() | over))
+    with pytest.raises(CheckpointError, match="invalid model card") as e:
+        checkpoint.load(path)
+    assert message in str(e.value)
+
+
+def test_the_bound_method_says_what_the_split_does():
+    assert card(split="input").bound_method.startswith("none needed: f1 is the identity")
+    assert card(split="conv1").bound_method.startswith("local: banded Cholesky")
+    assert card(bound_method="kept").bound_method == "kept"
+
+
+def test_a_normalization_other_than_the_cards_is_refused(saved):
+    _, path = saved
+    checkpoint.write_card(card(mean=[0.5]), path)  # the weights hold mnist's 0.1307
+    with pytest.raises(CheckpointError, match=r"f1\.0\.mean is \(0\.1307\), the card's mean is "
+                                              r"\(0\.5,\)"):
+        checkpoint.load(path)
+
+
+def test_hidden_folders_are_not_models(saved):
+    _, path = saved
+    hidden = path.parent / ".import-m2-x"
+    hidden.mkdir()
+    checkpoint.write_card(card(id="m2"), hidden)
+    assert [c.id for c in checkpoint.list_cards(path.parent)] == ["m1"]
+
+
+@pytest.mark.parametrize("folder", sorted(p.parent for p in (ROOT / "models").glob("*/card.json")))
+def test_every_shipped_model_loads_its_weights_bit_for_bit(folder, tmp_path):
+    """Cards written before input_shape, classes, mean, std and preprocess existed: the data
+    set's defaults rebuild the same module, which holds exactly the file's tensors, and a card
+    written back changes nothing but the added pixel_range."""
+    loaded = checkpoint.load(folder)
+    stored = load_file(folder / checkpoint.WEIGHTS)
+    state = loaded.model.state_dict()
+    assert state.keys() == stored.keys()
+    assert all(torch.equal(state[k], stored[k]) for k in stored)
+    checkpoint.write_card(loaded.card, tmp_path)
+    written = json.loads((tmp_path / "card.json").read_text())
+    assert written.pop("pixel_range") == [0.0, 1.0]
+    assert written == json.loads((folder / "card.json").read_text())
