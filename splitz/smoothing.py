@@ -70,6 +70,9 @@ class Certificate:
     bound_u: float | None = None
     stopping: str = "fixed"
     budget: int | None = None
+    # The card's preprocessing (e.g. "resize 256, center crop 224"): the radius is in the pixel
+    # space of the image it makes, the model's input. None: the image's own pixels.
+    preprocess: str | None = None
 
     @property
     def abstained(self) -> bool:
@@ -120,6 +123,7 @@ class RadiusAnswer:
     bound: str = CS_BOUND
     bound_level: float | None = None
     bound_u: float | None = None
+    preprocess: str | None = None  # as in Certificate: the radius is in its output's pixels
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -140,7 +144,7 @@ class Smooth:
 
     def __init__(self, model: SplitModel, batch_size: int = 1000, device: str = "cpu",
                  model_id: str | None = None, model_sha256: str | None = None,
-                 precision: str = "float32"):
+                 precision: str = "float32", preprocess: str | None = None):
         if batch_size < 1:
             raise InputError("batch size must be at least 1")
         if precision not in PRECISIONS:
@@ -148,6 +152,7 @@ class Smooth:
         self.device = _device(device)
         self.model = model.to(self.device).eval()
         self.batch_size, self.model_id, self.model_sha256 = batch_size, model_id, model_sha256
+        self.preprocess = preprocess
         self.bound = F1Bound(model.f1, model.input_shape)
         # Noise is drawn and added in float32; rounding to `precision` is then the first step
         # of the base classifier, so the certificate is exact for f2 as computed. channels_last
@@ -160,7 +165,8 @@ class Smooth:
                         device: str = "cpu", precision: str | None = None) -> "Smooth":
         """The card's tuned batch size and precision unless others are asked for."""
         return cls(loaded.model, batch_size or loaded.card.batch_size, device, loaded.card.id,
-                   loaded.sha256, precision or loaded.card.precision)
+                   loaded.sha256, precision or loaded.card.precision,
+                   loaded.card.preprocess.describe() if loaded.card.preprocess else None)
 
     def certify(self, x: Tensor, n0: int = 100, n: int = 100_000, alpha: float = 0.001,
                 seed: int | Sequence[int] | None = 0, radius: float | None = None,
@@ -230,7 +236,7 @@ class Smooth:
                 certified=None if radius is None else (not abstain and rad >= radius),
                 query_radius=radius, bound=low.name, bound_level=low.level, bound_u=low.u,
                 stopping="fixed" if tolerance is None else _describe(plan, tolerance),
-                budget=None if tolerance is None else n,
+                budget=None if tolerance is None else n, preprocess=self.preprocess,
             ))
         return certs
 
@@ -275,7 +281,7 @@ class Smooth:
             answers.append(RadiusAnswer(
                 certified, tops[i] if certified else None, radius, drawn[i], n0,
                 -(-drawn[i] // self.batch_size), n_a[i], low.value, p_star[i], float(lips[i]),
-                alpha, seeds[i], _source(seed), low.name, low.level, low.u))
+                alpha, seeds[i], _source(seed), low.name, low.level, low.u, self.preprocess))
         return answers
 
     def _rounds(self, z: Tensor, streams: list[NoiseStream], top: list[int], n: int, stop,
