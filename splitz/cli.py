@@ -12,7 +12,7 @@ from pathlib import Path
 import torch
 from pydantic import ValidationError
 
-from . import checkpoint, data, evaluate
+from . import checkpoint, data, evaluate, importer
 from .errors import SplitzError
 from .images import load_image
 from .lipschitz import layer_profile
@@ -120,6 +120,13 @@ def _parser() -> argparse.ArgumentParser:
     su.add_argument("--out", type=Path, help="write results here instead of stdout")
     su.set_defaults(run=_submit)
 
+    _import_args(sub.add_parser(
+        "import", help="make a model of the repository from a state dict trained elsewhere",
+        description="Check a state dict (.safetensors, or .pt/.pth read with weights_only=True) "
+                    "against an architecture and card fields, and write it into the model "
+                    "repository. sigma is the noise's standard deviation on [0, 1] pixels, "
+                    "before the model's normalization."))
+
     t = sub.add_parser("train", help="train a SPLITZ model or the smoothing baseline")
     t.add_argument("--config", type=Path, help="JSON file with TrainConfig fields")
     for name, typ in (("id", str), ("out", Path), ("arch", str), ("dataset", str),
@@ -128,6 +135,42 @@ def _parser() -> argparse.ArgumentParser:
         t.add_argument(f"--{name}", type=typ)
     t.set_defaults(run=_train)
     return p
+
+
+def _import_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("weights", type=Path, help="state dict: .safetensors, .pt or .pth")
+    p.add_argument("--card", type=Path, help="JSON file of card fields; flags override it")
+    p.add_argument("--id", help="model id (the folder's name)")
+    p.add_argument("--arch", help="registered architecture, e.g. resnet18, cifar_resnet110")
+    p.add_argument("--arch-kwargs", type=_json_object, help="JSON object of its arguments")
+    p.add_argument("--dataset", help="mnist / cifar10 (defaults for shape, classes, mean, std) "
+                   "or any label (custom)")
+    p.add_argument("--split", help="input (default; plain randomized smoothing) or conv1")
+    p.add_argument("--sigma", type=float, help="noise std on [0, 1] pixels, before normalizing")
+    p.add_argument("--input-shape", type=_positive_int, nargs=3, metavar=("C", "H", "W"))
+    p.add_argument("--classes", nargs="+", metavar="NAME", help="class names, or their number")
+    p.add_argument("--mean", type=float, nargs="+", help="per-channel normalization mean")
+    p.add_argument("--std", type=float, nargs="+", help="per-channel normalization std")
+    p.add_argument("--resize", type=_positive_int, nargs="+", metavar="SIZE",
+                   help="preprocessing: shorter side, or H W")
+    p.add_argument("--center-crop", type=_positive_int, nargs="+", metavar="SIZE",
+                   help="preprocessing after the resize: side, or H W")
+    p.add_argument("--batch-size", type=_positive_int, help="samples per forward pass (1000)")
+    p.add_argument("--description")
+    p.add_argument("--strip-prefix", default="", help="remove this prefix from every key")
+    p.add_argument("--out", type=Path, default=Path("models"), help="model repository (models)")
+    p.add_argument("--force", action="store_true", help="replace a model of the same id")
+    p.set_defaults(run=_import)
+
+
+def _json_object(text: str) -> dict:
+    try:
+        value = json.loads(text)
+    except json.JSONDecodeError as e:
+        raise argparse.ArgumentTypeError(f"not JSON: {e}") from None
+    if not isinstance(value, dict):
+        raise argparse.ArgumentTypeError("must be a JSON object")
+    return value
 
 
 def _sampling_args(p: argparse.ArgumentParser, n: int) -> None:
@@ -168,7 +211,8 @@ def _seed(text: str) -> int:
 
 def _load(args) -> tuple[Smooth, checkpoint.LoadedModel, torch.Tensor]:
     loaded = checkpoint.load(args.model)
-    x = torch.stack([load_image(p, loaded.model.input_shape) for p in args.images])
+    x = torch.stack([load_image(p, loaded.model.input_shape, preprocess=loaded.card.preprocess)
+                     for p in args.images])
     smooth = Smooth.from_checkpoint(loaded, args.batch, args.device, args.precision)
     _check_memory(smooth, x, max(args.n, getattr(args, "n0", 0)))
     return smooth, loaded, x
@@ -186,12 +230,13 @@ def _check_memory(smooth: Smooth, x: torch.Tensor, n: int) -> None:
 
 
 def _bytes_per_sample(smooth: Smooth, x: torch.Tensor) -> int:
-    """The noisy copy of f1(x) (float32) and every top-level output of f2 for one sample: an
-    upper estimate, since inference frees activations as it goes."""
+    """The noisy copy of f1(x) (float32) and the output of every innermost layer of f2 for one
+    sample: an upper estimate, since inference frees activations as it goes (the top-level
+    outputs alone miss a whole network's insides: an imported ResNet is one child of f2)."""
     z = smooth.bound.exact(x).float()
     sizes = [z.numel() * 4]
     hooks = [m.register_forward_hook(lambda _m, _i, out: sizes.append(
-        out.numel() * out.element_size())) for m in smooth.f2.children()]
+        out.numel() * out.element_size())) for m in smooth.f2.modules() if not list(m.children())]
     try:
         with torch.inference_mode():
             smooth.f2(z.to(smooth.device, smooth.dtype))
@@ -256,6 +301,8 @@ def _certify(args) -> int:
         print(f"model {c.model_id} sha256 {c.model_sha256[:16]}  sigma={c.sigma} "
               f"n0={c.n0} n={c.n} alpha={c.alpha} seed={c.seed} ({c.seed_source})  "
               f"L_global={_up(c.lipschitz_global, 4)}  bound={c.bound} stopping={c.stopping}")
+        if c.preprocess:
+            print(f"radii are in the pixels of the preprocessed image ({c.preprocess})")
     return 0
 
 
@@ -294,7 +341,12 @@ def _predict(args) -> int:
 
 
 def _lipschitz(args) -> int:
-    profile = layer_profile(checkpoint.load(args.model).model)
+    loaded = checkpoint.load(args.model)
+    try:
+        profile = layer_profile(loaded.model)
+    except ValueError as e:
+        raise SplitzError(f"{e}: the profile covers splitz's own architectures; "
+                          f"{loaded.card.arch}'s f1 is the identity (L = 1)") from None
     rows = [[r.name, _up(r.bound, 4), _up(r.cumulative, 4)] for r in profile]
     _table(["layer", "L (upper bound)", "product so far"], rows)
     split = sum(r.in_f1 for r in profile)
@@ -387,6 +439,41 @@ def _train(args) -> int:
     path = train(TrainConfig.model_validate(fields))
     print(f"wrote {path}")
     return 0
+
+
+def _import(args) -> int:
+    fields = _card_file(args.card) if args.card else {}
+    flags = {"id": args.id, "arch": args.arch, "arch_kwargs": args.arch_kwargs,
+             "dataset": args.dataset, "split": args.split, "sigma": args.sigma,
+             "input_shape": args.input_shape, "mean": args.mean, "std": args.std,
+             "batch_size": args.batch_size, "description": args.description}
+    if args.classes:
+        one = args.classes[0]
+        flags["classes"] = int(one) if len(args.classes) == 1 and one.isdigit() else args.classes
+    preprocess = {k: v[0] if len(v) == 1 else v for k, v in
+                  (("resize", args.resize), ("center_crop", args.center_crop)) if v}
+    if preprocess:
+        flags["preprocess"] = preprocess
+    fields |= {k: v for k, v in flags.items() if v is not None}
+    fields.setdefault("split", "input")
+    fields.setdefault("dataset", "custom")
+    fields["training"] = fields.get("training", {}) | {
+        "command": shlex.join(["splitz", *sys.argv[1:]]) if sys.argv[1:] else "import"}
+    done = importer.import_model(args.weights, fields, args.out, args.strip_prefix, args.force)
+    for warning in done.warnings:
+        print(f"splitz: warning: {warning}", file=sys.stderr)
+    print(f"wrote {done.path} (sha256 {done.sha256})")
+    return 0
+
+
+def _card_file(path: Path) -> dict:
+    try:
+        fields = json.loads(path.read_text())
+    except (OSError, ValueError) as e:
+        raise SplitzError(f"--card {path}: not a readable JSON file ({e})") from None
+    if not isinstance(fields, dict):
+        raise SplitzError(f"--card {path}: must hold a JSON object of card fields")
+    return fields
 
 
 def _table(head: list[str], rows: list[list[str]]) -> None:

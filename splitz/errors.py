@@ -15,3 +15,7 @@ class CheckpointError(SplitzError):
 
 class UnknownModelError(CheckpointError):
     """A model id that is not in the model repository."""
+
+
+class InvalidModelError(InputError):
+    """Weights or card fields that make no valid model (splitz import, uploads)."""

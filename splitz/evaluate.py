@@ -30,6 +30,9 @@ def evaluate(loaded: LoadedModel, out: Path, every: int, limit: int | None = Non
     """Certify test images 0, every, 2*every, ... of `dataset` (default: the card's); resumes an
     interrupted TSV where it stopped."""
     dataset = dataset or loaded.card.dataset
+    if dataset not in data.SPECS.keys() | data.VARIANTS.keys():
+        raise InputError(f"no test set for data set {dataset!r}: evaluate knows "
+                         f"{', '.join(sorted(data.SPECS.keys() | data.VARIANTS.keys()))}")
     if data.VARIANTS.get(dataset, dataset) != loaded.card.dataset:
         raise InputError(f"model {loaded.card.id} is for {loaded.card.dataset}, not {dataset}")
     test = data.load(dataset, train=False, root=data_root)
