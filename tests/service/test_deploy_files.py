@@ -8,7 +8,7 @@ import jsonschema
 import yaml
 
 ROOT = Path(__file__).resolve().parents[2]
-SCHEMA = ROOT.parent / "shared" / "schemas" / "compose-spec.json"
+SCHEMA = ROOT / "tests" / "schemas" / "compose-spec.json"  # vendored: see its README
 
 
 def compose(name: str = "docker-compose.yml") -> dict:
