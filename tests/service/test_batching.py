@@ -51,3 +51,23 @@ def test_queued_small_jobs_run_in_one_pass_with_their_own_results(make_stack, re
         assert (got["prediction"], got["n_a"], got["radius"], got["seed"]) == (
             want.prediction, want.n_a, want.radius, 100 * i)
     assert stack.wait_job(busy["id"])["batched"] == 1
+
+
+@pytest.mark.slow
+def test_a_batch_claims_its_jobs_so_they_show_started_and_run_once(make_stack):
+    """The worker used to certify queued jobs ahead while they stayed on the queue: shown as
+    queued meanwhile, and certified again by any worker that took one."""
+    stack = make_stack(workers=1)
+    busy = stack.http.post("/jobs", params={"model": TINY_RS, "n": 20_000}, files=files(4)).json()
+    while stack.http.get(f"/jobs/{busy['id']}").json()["status"] == "queued":
+        time.sleep(0.05)
+    small = [stack.http.post("/jobs", params={"model": TINY, "n": 20_000},
+                             files=files(1, start=i)).json()["id"] for i in range(6)]
+    most_started = 0
+    while True:
+        states = [stack.http.get(f"/jobs/{j}").json()["status"] for j in small]
+        most_started = max(most_started, states.count("started"))
+        if all(s == "finished" for s in states):
+            break
+        time.sleep(0.05)
+    assert most_started == 6  # all six claimed together, none left queued while certified
