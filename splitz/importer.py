@@ -33,6 +33,7 @@ from . import checkpoint, data
 from .errors import CheckpointError, InvalidModelError
 from .nets import SplitModel, create_model, is_network, normalization_mismatch
 
+DEFAULTS = {"split": "input", "dataset": "custom"}  # plain randomized smoothing, own input fields
 WRAPPERS = ("state_dict", "model", "model_state_dict")  # where training checkpoints keep weights
 # Key prefixes that wrappers leave, and where they come from.
 PREFIXES = {
@@ -67,10 +68,11 @@ def import_model(weights: bytes | Path, fields: dict[str, Any], repository: Path
                  strip_prefix: str = "", force: bool = False, name: str | None = None) -> Imported:
     """Check `weights` (a file, or its bytes called `name`) against the card `fields` and write
     the model into `repository`; an existing model of the same id is replaced only with `force`.
-    The card's `training` records where the weights came from."""
+    Fields not given default to DEFAULTS; the card's `training` records where the weights came
+    from."""
     source = weights if isinstance(weights, bytes) else _read(Path(weights))
     name = name or ("weights" if isinstance(weights, bytes) else Path(weights).name)
-    card = make_card(fields)
+    card = make_card(DEFAULTS | fields)
     card.training |= {"imported_from": name, "source_sha256": hashlib.sha256(source).hexdigest(),
                       **({"strip_prefix": strip_prefix} if strip_prefix else {})}
     target = _target(Path(repository), card.id, force)

@@ -173,6 +173,16 @@ def test_card_fields_that_make_no_model_are_named(tmp_path, over, message):
     assert nothing_written(tmp_path / "repo")
 
 
+def test_split_and_data_set_default_to_input_smoothing_of_a_declared_input(tmp_path):
+    fields = {"id": "m", "arch": "cifar_resnet20", "sigma": 0.25}
+    with pytest.raises(InvalidModelError, match="input_shape, classes, mean, std required: data "
+                                                "set 'custom'"):
+        importer.import_model(save(net_state()), fields, tmp_path)
+    declared = {"input_shape": [3, 32, 32], "classes": 10, "mean": [0.5] * 3, "std": [0.25] * 3}
+    done = importer.import_model(save(net_state()), fields | declared, tmp_path)
+    assert (done.card.split, done.card.dataset) == ("input", "custom")
+
+
 def test_weights_whose_normalization_differs_from_the_card_are_refused(tmp_path):
     state = net_state("lenet", dataset="mnist", split="conv1", arch_kwargs={"width": 4})
     state["f1.0.std"] = torch.full_like(state["f1.0.std"], 0.5)
