@@ -455,8 +455,9 @@ def _import(args) -> int:
     if preprocess:
         flags["preprocess"] = preprocess
     fields |= {k: v for k, v in flags.items() if v is not None}
-    fields["training"] = fields.get("training", {}) | {
-        "command": shlex.join(["splitz", *sys.argv[1:]]) if sys.argv[1:] else "import"}
+    if isinstance(fields.setdefault("training", {}), dict):  # else the card check names it
+        fields["training"]["command"] = shlex.join(["splitz", *sys.argv[1:]]) if sys.argv[1:] \
+            else "import"
     done = importer.import_model(args.weights, fields, args.out, args.strip_prefix, args.force)
     for warning in done.warnings:
         print(f"splitz: warning: {warning}", file=sys.stderr)
