@@ -1,47 +1,36 @@
-"""Certification throughput of the engine against (a) Cohen et al.'s CERTIFY followed literally
-and (b) this machine's matmul peak, all measured in one process run.
+"""Sampling throughput of the engine against Cohen et al.'s CERTIFY applied as its users would,
+in paired runs of one process.
 
-    python bench/engine.py --model models/mnist-splitz-quick [--batches 100,1000,10000] [--record]
+    python bench/engine.py --model models/mnist-splitz-quick [--repeats 5] [--record]
+    python bench/engine.py --arch resnet --dataset cifar10 --depth 110 --device cuda  # no weights
 
-Prints one JSON line per figure, then a table; "% of peak" compares with the matmul peak of the
-same precision. The reference pushes every sample through the
-whole network, one image at a time, batch 400, noise drawn on the CPU, counting in a Python loop
-(locuslab/smoothing `core.py`). --record writes the fastest batch size at the card's precision
-into the model card, where the engine, evaluation and workers take it from.
+The reference is locuslab/smoothing's `Smooth._sample_noise` (code/core.py) on this model: f1
+once (nothing for input smoothing: f1 is empty there), then per batch the features repeated,
+`randn_like` noise times sigma, f2 as trained (float32, BatchNorm unfolded, default memory
+format) under `torch.no_grad`, argmax, and its Python counting loop; at the fastest of
+--ref-batches, found first. The engine samples through `Smooth.sample_counts` at each batch of
+--batches (and precision); then --repeats rounds alternate the reference and the engine at its
+fastest batch in each precision, and the speed-ups of each round's pair are reported as median
+and range, so a load that drifts during the run moves both sides of a ratio alike.
+
+Prints one JSON line per figure, then a table. --record writes the fastest batch at the card's
+precision into the model card, where the engine, evaluation and workers take it from. --arch
+times an architecture of the registry with random weights (speed does not depend on them).
 """
 
 import argparse  # noqa: I001  (splitz before torch: it sets the OpenMP spin torch loads with)
 import json
+import statistics
 import time
 
 import splitz  # noqa: F401
+import numpy as np
 import torch
 from torch.utils.flop_counter import FlopCounterMode
 
 from splitz import Smooth, checkpoint, load_model
+from splitz.nets import SplitModel, create_model
 from splitz.noise import NoiseStream
-
-
-def matmul_peak(dtype: torch.dtype, device: str, size: int = 2048, seconds: float = 2.0,
-                repeat: int = 1) -> float:
-    """Best sustained GFLOP/s of square matmuls in `dtype` (`repeat` per timing, for GPUs)."""
-    a = torch.randn(size, size, dtype=dtype, device=device)
-    b = torch.randn(size, size, dtype=dtype, device=device)
-    a @ b  # warm up
-    best, end = 0.0, time.perf_counter() + seconds
-    while time.perf_counter() < end:
-        _sync(device)
-        t = time.perf_counter()
-        for _ in range(repeat):
-            a @ b
-        _sync(device)
-        best = max(best, repeat * 2 * size**3 / (time.perf_counter() - t) / 1e9)
-    return best
-
-
-def _sync(device: str | torch.device) -> None:
-    if str(device).startswith("cuda"):
-        torch.cuda.synchronize()
 
 
 def f2_flops(smooth: Smooth) -> float:
@@ -58,8 +47,30 @@ def engine_rate(smooth: Smooth, x: torch.Tensor, n: int) -> float:
     streams = smooth._streams([0])
     with torch.inference_mode():
         smooth.sample_counts(z, min(n, smooth.batch_size), streams)  # warm up
+        _sync(smooth.device)
         t = time.perf_counter()
         smooth.sample_counts(z, n, streams)  # ends with .cpu(): synchronized
+    return n / (time.perf_counter() - t)
+
+
+def reference_rate(model: SplitModel, x: torch.Tensor, n: int, batch: int,
+                   device: torch.device) -> float:
+    """Samples per second of Cohen et al.'s `_sample_noise` + `_count_arr` on f2, f1 run once."""
+    counts = np.zeros(model.num_classes, dtype=int)
+    with torch.no_grad():
+        z = model.f1(x[None].to(device))
+        model.f2(z.repeat((min(batch, n), 1, 1, 1)))  # warm up
+        _sync(device)
+        t = time.perf_counter()
+        remaining = n
+        while remaining > 0:
+            this = min(batch, remaining)
+            remaining -= this
+            noisy = z.repeat((this, 1, 1, 1))
+            noise = torch.randn_like(noisy) * model.sigma
+            predictions = model.f2(noisy + noise).argmax(1)
+            for idx in predictions.cpu().numpy():
+                counts[idx] += 1
     return n / (time.perf_counter() - t)
 
 
@@ -70,12 +81,22 @@ def noise_seconds(smooth: Smooth, x: torch.Tensor, batch: int) -> float:
 
 
 def f2_seconds(smooth: Smooth, x: torch.Tensor, batch: int) -> float:
-    """Seconds per sample of f2 alone on a noisy batch, as the sampler calls it: the engine's
-    speed if drawing the noise were free."""
+    """Seconds per sample of the engine's f2 alone on a noisy batch: its speed if drawing the
+    noise were free."""
     buf = _noisy_batch(smooth, x, batch)[0]
     noisy = buf.to(smooth.dtype, memory_format=torch.channels_last)
     with torch.inference_mode():
         return _best(lambda: smooth.f2(noisy).argmax(dim=1), smooth.device) / batch
+
+
+def reference_f2_seconds(model: SplitModel, x: torch.Tensor, batch: int,
+                         device: torch.device) -> float:
+    """Seconds per sample of f2 as the reference runs it (as trained: float32, BatchNorm
+    unfolded, default memory format) alone on a noisy batch."""
+    with torch.no_grad():
+        z = model.f1(x[None].to(device))
+        noisy = z.repeat((batch, 1, 1, 1)) + torch.randn_like(z.repeat((batch, 1, 1, 1)))
+        return _best(lambda: model.f2(noisy).argmax(1), device) / batch
 
 
 def _noisy_batch(smooth: Smooth, x: torch.Tensor,
@@ -100,89 +121,102 @@ def _best(step, device: torch.device, repeat: int = 20) -> float:
     return best
 
 
-def reference_rate(smooth: Smooth, x: torch.Tensor, n: int, batch: int = 400) -> float:
-    """Cohen et al.'s _sample_noise, literally: whole network per sample, CPU noise, a Python
-    counting loop."""
-    model, sigma = smooth.model, smooth.model.sigma
-    counts = [0] * model.num_classes
-    x = x.to(smooth.device)
-    t = time.perf_counter()
-    with torch.no_grad():
-        remaining = n
-        while remaining > 0:
-            this = min(batch, remaining)
-            remaining -= this
-            z = model.f1(x[None].repeat(this, 1, 1, 1))  # f1 again for every copy
-            noise = torch.randn(z.shape).to(smooth.device)
-            preds = model.f2(z + noise * sigma).argmax(1)
-            for p in preds.cpu().numpy():
-                counts[p] += 1
-    return n / (time.perf_counter() - t)
+def _sync(device: str | torch.device) -> None:
+    if str(device).startswith("cuda"):
+        torch.cuda.synchronize()
+
+
+def _spread(values: list[float]) -> dict:
+    return {"median": round(statistics.median(values), 2), "min": round(min(values), 2),
+            "max": round(max(values), 2)}
 
 
 def main() -> None:
-    p = argparse.ArgumentParser(description=__doc__)
-    p.add_argument("--model", required=True)
-    p.add_argument("--batches", default="50,100,200,500,1000,10000")
+    p = argparse.ArgumentParser(description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    what = p.add_mutually_exclusive_group(required=True)
+    what.add_argument("--model", help="model directory")
+    what.add_argument("--arch", help="registry architecture, random weights")
+    p.add_argument("--dataset", default="cifar10", help="with --arch")
+    p.add_argument("--split", default="input", help="with --arch")
+    p.add_argument("--depth", type=int, help="with --arch resnet")
+    p.add_argument("--batch", type=int, default=1000, help="with --arch: the engine's batch")
+    p.add_argument("--batches", default="50,100,200,500,1000", help="engine batch sweep")
+    p.add_argument("--ref-batches", default="50,100,200,400,1000", help="reference batch sweep")
     p.add_argument("--precisions", default="float32,bfloat16")
     p.add_argument("--n", type=int, default=20_000, help="samples per measurement")
+    p.add_argument("--repeats", type=int, default=5, help="paired rounds")
     p.add_argument("--device", default="cpu")
     p.add_argument("--record", action="store_true", help="store the fastest batch in the card")
     args = p.parse_args()
-    loaded = load_model(args.model)
-    x = torch.rand(*loaded.model.input_shape)
+    if args.model:
+        loaded = load_model(args.model)
+        model, name, batch = loaded.model, loaded.card.id, loaded.card.batch_size
+    else:
+        model = create_model(args.arch, args.dataset, args.split, 0.25,
+                             **({"depth": args.depth} if args.depth else {}))
+        name = f"{args.arch}{args.depth or ''}-{args.dataset}-{args.split} (random weights)"
+        batch = args.batch
+    device = torch.device(args.device)
+    x = torch.rand(*model.input_shape)
+    reference_model = model.to(device).eval()
+    precisions = args.precisions.split(",")
     rows = []
 
     def emit(**fields):
         rows.append(fields)
         print(json.dumps(fields), flush=True)
 
-    gpu = args.device.startswith("cuda")
-    repeat, size = (20, 8192) if gpu else (1, 2048)
-    peak32, peak16 = (matmul_peak(d, args.device, size, repeat=repeat)
-                      for d in (torch.float32, torch.bfloat16))
-    emit(figure="matmul_peak_gflops", device=_name(args.device), float32=round(peak32, 1),
-         bfloat16=round(peak16, 1))
-    base = Smooth.from_checkpoint(loaded, device=args.device, precision="float32")
+    base = Smooth(model, batch, args.device, precision="float32")
     flops = f2_flops(base)
-    emit(figure="f2_flops_per_sample", value=flops)
-    # Drawing the noise is work f2's FLOPs do not count: with f2 at the float32 peak, the
-    # engine could reach at most this fraction of it.
-    noise = noise_seconds(base, x, loaded.card.batch_size)
-    at_peak = flops / (peak32 * 1e9)
-    emit(figure="noise", us_per_sample=round(noise * 1e6, 1),
-         ceiling_fraction_of_peak=round(at_peak / (at_peak + noise), 3))
-    # f2's own kernels (oneDNN convolutions) can beat the GEMM peak: the f2-only rate is the
-    # engine's other ceiling.
-    alone = f2_seconds(base, x, loaded.card.batch_size)
-    emit(figure="f2_alone", precision="float32", batch=loaded.card.batch_size,
-         us_per_sample=round(alone * 1e6, 1), gflops=round(flops / alone / 1e9, 1),
-         fraction_of_peak=round(flops / alone / 1e9 / peak32, 3))
-    ref = reference_rate(base, x, args.n if gpu else min(args.n, 4000))
-    emit(figure="reference", precision="float32", samples_per_s=round(ref),
-         s_per_image_100k=round(1e5 / ref, 2), speedup=1.0,
-         fraction_of_peak=round(flops * ref / 1e9 / peak32, 3))
-    peaks = {"float32": peak32, "bfloat16": peak16}
-    for precision in args.precisions.split(","):
+    emit(figure="f2_flops_per_sample", model=name, value=flops, device=_name(args.device))
+    noise = noise_seconds(base, x, batch)
+    alone = f2_seconds(base, x, batch)
+    emit(figure="noise", batch=batch, us_per_sample=round(noise * 1e6, 1))
+    emit(figure="f2_alone", precision="float32", batch=batch,
+         us_per_sample=round(alone * 1e6, 1), gflops=round(flops / alone / 1e9, 1))
+    trained = reference_f2_seconds(reference_model, x, batch, device)
+    emit(figure="f2_alone_as_trained", precision="float32", batch=batch,
+         us_per_sample=round(trained * 1e6, 1), engine_speedup=round(trained / alone, 2))
+    ref_batches = {b: reference_rate(reference_model, x, args.n, b, device)
+                   for b in map(int, args.ref_batches.split(","))}
+    ref_batch = max(ref_batches, key=ref_batches.get)
+    for b, rate in ref_batches.items():
+        emit(figure="reference", batch=b, samples_per_s=round(rate))
+    for precision in precisions:
         for b in map(int, args.batches.split(",")):
-            smooth = Smooth.from_checkpoint(loaded, b, args.device, precision)
-            rate = engine_rate(smooth, x, args.n)
+            rate = engine_rate(Smooth(model, b, args.device, precision=precision), x, args.n)
             emit(figure="engine", precision=precision, batch=b, samples_per_s=round(rate),
-                 s_per_image_100k=round(1e5 / rate, 2), speedup=round(rate / ref, 2),
-                 fraction_of_peak=round(flops * rate / 1e9 / peaks[precision], 3))
-    print(f"\nmodel {loaded.card.id}: f2 = {flops / 1e6:.1f} MFLOP/sample; matmul peak "
-          f"{peak32:.0f} GFLOP/s float32, {peak16:.0f} bfloat16; noise {noise * 1e6:.0f} us/sample "
-          f"(float32 ceiling {100 * at_peak / (at_peak + noise):.0f} % of peak); f2 alone "
-          f"{flops / alone / 1e9:.0f} GFLOP/s float32 at batch {loaded.card.batch_size}")
-    print(f"{'run':<30}{'samples/s':>12}{'s/image @1e5':>14}{'x ref':>8}{'% of peak':>11}")
+                 speedup=round(rate / ref_batches[ref_batch], 2))
+    best = {pr: max((r for r in rows if r["figure"] == "engine" and r["precision"] == pr),
+                    key=lambda r: r["samples_per_s"])["batch"] for pr in precisions}
+    engines = {pr: Smooth(model, best[pr], args.device, precision=pr) for pr in precisions}
+    paired = {"reference": [], **{pr: [] for pr in precisions}}
+    for _ in range(args.repeats):
+        paired["reference"].append(reference_rate(reference_model, x, args.n, ref_batch, device))
+        for pr, smooth in engines.items():
+            paired[pr].append(engine_rate(smooth, x, args.n))
+    for pr in precisions:
+        ratios = [e / r for e, r in zip(paired[pr], paired["reference"], strict=True)]
+        emit(figure="paired", precision=pr, batch=best[pr], reference_batch=ref_batch,
+             repeats=args.repeats, samples_per_s=_spread(paired[pr]),
+             reference_samples_per_s=_spread(paired["reference"]), speedup=_spread(ratios))
+    print(f"\nmodel {name}: f2 = {flops / 1e6:.1f} MFLOP/sample; noise "
+          f"{noise * 1e6:.0f} us/sample, f2 alone {alone * 1e6:.0f} us/sample (float32, batch "
+          f"{batch}; as trained {trained * 1e6:.0f}); reference fastest at batch {ref_batch}")
+    print(f"{'paired rounds (' + str(args.repeats) + ')':<28}{'samples/s median':>18}"
+          f"{'range':>18}{'x reference median':>20}{'range':>14}")
     for r in rows:
-        if r["figure"] not in ("reference", "engine"):
-            continue
-        name = ("reference (batch 400)" if r["figure"] == "reference"
-                else f"engine {r['precision']} batch {r['batch']}")
-        print(f"{name:<30}{r['samples_per_s']:>12}{r['s_per_image_100k']:>14}"
-              f"{r['speedup']:>8}{100 * r['fraction_of_peak']:>10.1f}%")
-    if args.record:
+        if r["figure"] == "paired":
+            s, q = r["samples_per_s"], r["speedup"]
+            print(f"{'engine ' + r['precision'] + ' batch ' + str(r['batch']):<28}"
+                  f"{s['median']:>18,.0f}"
+                  f"{s['min']:>9,.0f}-{s['max']:<8,.0f}{q['median']:>20}"
+                  f"{q['min']:>8}-{q['max']:<5}")
+    ref = _spread(paired["reference"])
+    print(f"{'reference batch ' + str(ref_batch):<28}{ref['median']:>18,.0f}"
+          f"{ref['min']:>9,.0f}-{ref['max']:<8,.0f}")
+    if args.record and args.model:
         own = [r for r in rows
                if r["figure"] == "engine" and r["precision"] == loaded.card.precision]
         card = checkpoint.read_card(args.model)  # fresh: the card may have changed meanwhile

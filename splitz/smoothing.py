@@ -9,7 +9,9 @@ from dataclasses import asdict, dataclass
 
 import torch
 from scipy.stats import norm
-from torch import Tensor
+from torch import Tensor, nn
+from torch.fx.experimental.optimization import fuse
+from torch.fx.proxy import TraceError
 from tqdm import tqdm
 
 from .checkpoint import LoadedModel
@@ -158,7 +160,8 @@ class Smooth:
         # of the base classifier, so the certificate is exact for f2 as computed. channels_last
         # lets oneDNN / cuDNN pick faster convolutions (1.4-1.6x for the MNIST LeNet on CPU).
         self.precision, self.dtype = precision, PRECISIONS[precision]
-        self.f2 = copy.deepcopy(model.f2).to(self.dtype).to(memory_format=torch.channels_last)
+        self.f2 = _fold_batchnorm(copy.deepcopy(model.f2)).to(self.dtype).to(
+            memory_format=torch.channels_last)
 
     @classmethod
     def from_checkpoint(cls, loaded: LoadedModel, batch_size: int | None = None,
@@ -352,22 +355,30 @@ class Smooth:
 
     def _vote(self, z: Tensor, chunks: list[tuple[int, int]], streams: list[NoiseStream],
               counts: Tensor) -> None:
-        noisy = torch.empty(sum(m for _, m in chunks), *z.shape[1:], device=self.device)
+        noisy = torch.empty(sum(m for _, m in chunks), *z.shape[1:], device=self.device,
+                            dtype=self.dtype, memory_format=torch.channels_last)
         outs = noisy.split([m for _, m in chunks])
         self.draw_noisy([(out, z[i], streams[i])
                          for out, (i, _) in zip(outs, chunks, strict=True)])
         owner = torch.cat([torch.full((m,), i, device=self.device) for i, m in chunks])
-        pred = self.f2(noisy.to(self.dtype, memory_format=torch.channels_last)).argmax(dim=1)
+        pred = self.f2(noisy).argmax(dim=1)
         k = counts.shape[1]
         counts.view(-1).add_(torch.bincount(owner * k + pred, minlength=counts.numel()))
 
     def draw_noisy(self, parts: list[tuple[Tensor, Tensor, NoiseStream]]) -> None:
-        """For each (out, z, stream): out <- z + sigma * N(0, I), in place, the normals of all
-        parts drawn together on all threads (noise.py), then scaled and shifted without
-        temporaries (drawing noise is about a fifth of the MNIST LeNet's sampling)."""
-        fill_normal([block for out, _, stream in parts for block in stream.blocks(out)])
-        for out, z, _ in parts:
-            out.mul_(self.model.sigma).add_(z)
+        """For each (out, z, stream): out <- z + sigma * N(0, I), rounded to out's dtype in
+        out's memory format. The normals of all parts are drawn together on all threads
+        (noise.py) into one contiguous float32 buffer, already times sigma, then added to z
+        straight into out: one pass for the shift, the rounding to f2's precision and the
+        channels_last layout (the same floats as shifting in float32 and converting after;
+        whatever out's dtype and layout, the draws are the same)."""
+        sizes = [len(out) for out, _, _ in parts]
+        draws = torch.empty(sum(sizes), *parts[0][0].shape[1:], device=parts[0][0].device)
+        pieces = draws.split(sizes)
+        fill_normal([block for piece, (_, _, stream) in zip(pieces, parts, strict=True)
+                     for block in stream.blocks(piece)], std=self.model.sigma)
+        for piece, (out, z, _) in zip(pieces, parts, strict=True):
+            torch.add(piece, z, out=out)
 
     def _streams(self, seeds: list[int]) -> list[NoiseStream]:
         return [NoiseStream(s, self.device) for s in seeds]
@@ -398,6 +409,19 @@ class _Ticker:
     def close(self) -> None:
         if self.bar is not None:
             self.bar.close()
+
+
+def _fold_batchnorm(f2: nn.Module) -> nn.Module:
+    """f2 with each BatchNorm folded into the convolution before it (torch.fx's `fuse`, with
+    the running statistics: f2 is only evaluated here): one layer instead of two, the same
+    function up to float rounding, and the certificate is for f2 as computed (as it is for the
+    convolution algorithms). A network without BatchNorm, or one FX cannot trace, is kept."""
+    if not any(isinstance(m, nn.modules.batchnorm._BatchNorm) for m in f2.modules()):
+        return f2
+    try:
+        return fuse(f2.eval())
+    except (TraceError, TypeError, NotImplementedError):
+        return f2
 
 
 def _device(name: str) -> torch.device:

@@ -75,3 +75,23 @@ def test_a_forked_child_draws_on_its_own_threads(threads):
     if hung:
         child.kill()
     assert not hung and child.exitcode == 0
+
+
+@pytest.mark.parametrize("std", [0.12, 0.25, 0.5, 1.0, 3.7])
+def test_drawing_with_std_gives_the_floats_of_drawing_then_scaling(std):
+    outs = [torch.empty(60, 3, 4, 4) for _ in range(2)]
+    fill_normal([(outs[0], torch.Generator().manual_seed(9))], std=std)
+    fill_normal([(outs[1], torch.Generator().manual_seed(9))])
+    assert torch.equal(outs[0], outs[1].mul_(std))
+
+
+@pytest.mark.parametrize("precision", ["float32", "bfloat16"])
+def test_noisy_batch_is_shifted_rounded_and_laid_out_in_one_pass_with_the_same_floats(precision):
+    """draw_noisy into f2's dtype and channels_last equals z + sigma * N(0, 1), drawn, scaled and
+    shifted in float32 and converted afterwards (the sampler's old three passes)."""
+    smooth = Smooth(create_model("lenet", "mnist", "conv1", sigma=0.5), precision=precision)
+    z = torch.randn(3, 4, 4)
+    out = torch.empty(60, 3, 4, 4, dtype=smooth.dtype, memory_format=torch.channels_last)
+    smooth.draw_noisy([(out, z, NoiseStream(4, CPU))])
+    expected = noise(4, [60]).mul_(0.5).add_(z)
+    assert torch.equal(out, expected.to(smooth.dtype, memory_format=torch.channels_last))

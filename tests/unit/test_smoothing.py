@@ -283,3 +283,19 @@ def test_adaptive_certificate_is_reproduced_by_its_seed(bound):
         assert fixed.n_a == c.n_a
         if c.bound != "beta-binomial-cs":
             assert c.p_a_lower == fixed_lower(c.bound, c.n_a, c.n, c.bound_level, c.bound_u)
+
+
+def test_batchnorm_is_folded_into_the_convolutions_for_certification():
+    model = create_model("resnet", "cifar10", "conv1", sigma=0.25)
+    for m in model.modules():  # trained-looking statistics, so folding has work to do
+        if isinstance(m, nn.BatchNorm2d):
+            m.running_mean.uniform_(-1, 1)
+            m.running_var.uniform_(0.5, 2)
+            nn.init.uniform_(m.weight, 0.5, 1.5)
+    smooth = Smooth(model, batch_size=10)
+    assert not any(isinstance(m, nn.BatchNorm2d) for m in smooth.f2.modules())
+    assert any(isinstance(m, nn.BatchNorm2d) for m in model.f2.modules())  # model left as it was
+    z = torch.randn(4, 16, 32, 32)
+    with torch.no_grad():
+        assert torch.allclose(smooth.f2(z.contiguous(memory_format=torch.channels_last)),
+                              model.eval().f2(z), rtol=1e-4, atol=1e-5)
