@@ -287,6 +287,6 @@ def test_query_and_certify_paths_report_the_proven_float64_bound():
     x = load_image(SHIPPED_MNIST.parents[1] / "examples" / "mnist-7-0000.png", (1, 28, 28))
     local = smooth.bound.local(x[None], 100.0)
     assert local.dtype == torch.float64 and local.item() == smooth.bound.global_bound
-    answer = smooth.query(x, radius=100.0, n0=10, n_max=100, first=100, seed=0)[0]
+    answer = smooth.query(x, radius=100.0, n0=10, n_max=100, seed=0)[0]
     cert = smooth.certify(x, n0=10, n=100, seed=0)[0]
     assert answer.lipschitz == cert.lipschitz_global == smooth.bound.global_bound
