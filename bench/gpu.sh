@@ -4,7 +4,7 @@
 # precision's best batch, for the MNIST LeNets (ours, noise at the input and at the split, and the
 # published 4.6-MFLOP lenet_small) and the CIFAR-10 ResNet-20 and ResNet-110, random weights
 # (speed does not depend on them). Installs nothing (the device machine gets this checkout and its
-# .venv); JSON lines and tables go to $OUT (default: bench-out/). About 6 minutes on an H200.
+# .venv); JSON lines and tables go to $OUT (default: bench-out/). At most 120 s per model.
 #   bash bench/gpu.sh
 set -euo pipefail
 cd "$(dirname "$0")/.."
