@@ -2,11 +2,9 @@
 
 import argparse
 import json
-import math
 import shlex
 import sys
 from collections.abc import Sequence
-from decimal import ROUND_CEILING, ROUND_FLOOR, Decimal
 from pathlib import Path
 
 import torch
@@ -17,7 +15,7 @@ from .errors import SplitzError
 from .images import load_image
 from .lipschitz import layer_profile
 from .smoothing import PRECISIONS, SEED_LIMIT, Smooth
-from .stats import FIXED_BOUNDS
+from .stats import FIXED_BOUNDS, text_down, text_up
 from .train import TrainConfig, train
 
 
@@ -258,23 +256,6 @@ def _available_memory() -> int | None:
     return None
 
 
-def _down(value: float, digits: int) -> str:
-    """`value` with `digits` decimals, rounded down exactly (radii and lower bounds: a printed
-    number never claims more than the certificate)."""
-    return _fixed(value, digits, ROUND_FLOOR)
-
-
-def _up(value: float, digits: int) -> str:
-    """Rounded up exactly (upper bounds such as L)."""
-    return _fixed(value, digits, ROUND_CEILING)
-
-
-def _fixed(value: float, digits: int, rounding: str) -> str:
-    if not math.isfinite(value):
-        return str(value)
-    return str(Decimal(value).quantize(Decimal(1).scaleb(-digits), rounding=rounding))
-
-
 def _certify(args) -> int:
     smooth, loaded, x = _load(args)
     certs = smooth.certify(x, n0=args.n0, n=args.n, alpha=args.alpha, seed=args.seed,
@@ -287,8 +268,9 @@ def _certify(args) -> int:
             print(json.dumps({"image": str(path)} | c.to_dict()))
             continue
         label = "ABSTAIN" if c.abstained else classes[c.prediction]
-        row = [path.name, label, _down(c.radius, 4), _down(c.p_a_lower, 6), f"{c.n_a}/{c.n}",
-               _up(c.lipschitz, 4), _down(c.gamma, 4), f"{c.time_s:.1f}"]
+        row = [path.name, label, text_down(c.radius, 4), text_down(c.p_a_lower, 6),
+               f"{c.n_a}/{c.n}", text_up(c.lipschitz, 4), text_down(c.gamma, 4),
+               f"{c.time_s:.1f}"]
         if args.radius is not None:
             row.append("yes" if c.certified else "no")
         rows.append(row)
@@ -300,7 +282,7 @@ def _certify(args) -> int:
         c = certs[0]
         print(f"model {c.model_id} sha256 {c.model_sha256[:16]}  sigma={c.sigma} "
               f"n0={c.n0} n={c.n} alpha={c.alpha} seed={c.seed} ({c.seed_source})  "
-              f"L_global={_up(c.lipschitz_global, 4)}  bound={c.bound} stopping={c.stopping}")
+              f"L_global={text_up(c.lipschitz_global, 4)}  bound={c.bound} stopping={c.stopping}")
         if c.preprocess:
             print(f"radii are in the pixels of the preprocessed image ({c.preprocess})")
     return 0
@@ -317,8 +299,8 @@ def _query(args) -> int:
             print(json.dumps({"image": str(path)} | a.to_dict()))
         rows.append([path.name, "yes" if a.certified else "no",
                      "-" if a.prediction is None else classes[a.prediction],
-                     f"{a.samples}/{args.n}", str(a.looks), _down(a.p_a_lower, 6),
-                     _up(a.p_needed, 6)])
+                     f"{a.samples}/{args.n}", str(a.looks), text_down(a.p_a_lower, 6),
+                     text_up(a.p_needed, 6)])
     if not args.json:
         _table([f"image (r={args.radius:g})", "certified", "class", "samples", "looks",
                 "pA_lower", "needed"], rows)
@@ -347,7 +329,7 @@ def _lipschitz(args) -> int:
     except ValueError as e:
         raise SplitzError(f"{e}: the profile covers splitz's own architectures; "
                           f"{loaded.card.arch}'s f1 is the identity (L = 1)") from None
-    rows = [[r.name, _up(r.bound, 4), _up(r.cumulative, 4)] for r in profile]
+    rows = [[r.name, text_up(r.bound, 4), text_up(r.cumulative, 4)] for r in profile]
     _table(["layer", "L (upper bound)", "product so far"], rows)
     split = sum(r.in_f1 for r in profile)
     print(f"split after {split} layer(s) of f1; the certificate uses the exact local bound of f1 "

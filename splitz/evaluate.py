@@ -11,6 +11,7 @@ from . import data
 from .checkpoint import LoadedModel
 from .errors import InputError
 from .smoothing import Smooth
+from .stats import text_down, text_up
 
 COLUMNS = ["idx", "label", "predict", "radius", "correct", "time", "L", "pA_lower"]
 RADII = tuple(round(0.25 * i, 2) for i in range(11))  # 0, 0.25, ..., 2.5
@@ -49,8 +50,8 @@ def evaluate(loaded: LoadedModel, out: Path, every: int, limit: int | None = Non
             x, label = test[idx]
             c = smooth.certify(x, n0=n0, n=n, alpha=alpha, seed=seed + idx)[0]
             pred = -1 if c.abstained else c.prediction
-            writer.writerow([idx, int(label), pred, f"{c.radius:.6f}", int(pred == int(label)),
-                             f"{c.time_s:.3f}", f"{c.lipschitz:.6f}", f"{c.p_a_lower:.6f}"])
+            writer.writerow([idx, int(label), pred, text_down(c.radius, 6), int(pred == int(label)),
+                             f"{c.time_s:.3f}", text_up(c.lipschitz, 6), text_down(c.p_a_lower, 6)])
             f.flush()
     return summarize(read_tsv(out))
 

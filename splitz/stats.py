@@ -14,6 +14,7 @@ alpha between them; it is what the engine reports, whatever its stopping rule.
 import math
 from collections.abc import Sequence
 from dataclasses import dataclass
+from decimal import ROUND_CEILING, ROUND_FLOOR, Decimal
 
 import numpy as np
 from scipy.optimize import brentq
@@ -47,8 +48,8 @@ def randomized_clopper_pearson_lower(k: int, n: int, alpha: float, u: float) -> 
     Validity: under the true p, pi(p) = P[X > k] + u P[X = k] is exactly Uniform(0, 1) (the
     probability integral transform of X + 1 - u), and pi is increasing in p, so
     P[L > p] = P[pi(p) < alpha] = alpha. u = 1 gives Clopper-Pearson at k, u = 0 at k + 1, so
-    L lies between them and is never below Clopper-Pearson. When k = n and u <= alpha no p < 1
-    is rejected... every p is (pi(1) = u): L would be 1 (an infinite radius); the
+    L lies between them and is never below Clopper-Pearson. When k = n and u <= alpha every p < 1
+    is rejected (pi(p) = u p^n < alpha), so L would be 1, an infinite radius; the
     Clopper-Pearson bound is returned instead, a smaller and so still valid bound.
     """
     _check_counts(k, n)
@@ -210,6 +211,23 @@ def binomial_pvalue(k: int, n: int) -> float:
 def feature_radius(p_lower: float, sigma: float) -> float:
     """R_z = sigma * Phi^-1(p_lower), the l2 radius certified at the split; 0 if p_lower <= 1/2."""
     return sigma * float(norm.ppf(p_lower)) if p_lower > 0.5 else 0.0
+
+
+def text_down(value: float, digits: int) -> str:
+    """`value` printed with `digits` decimals, rounded down exactly (radii and lower bounds: a
+    printed number never claims more than the certificate)."""
+    return _decimal(value, digits, ROUND_FLOOR)
+
+
+def text_up(value: float, digits: int) -> str:
+    """Printed rounded up exactly (upper bounds such as L)."""
+    return _decimal(value, digits, ROUND_CEILING)
+
+
+def _decimal(value: float, digits: int, rounding: str) -> str:
+    if not math.isfinite(value):
+        return str(value)
+    return str(Decimal(value).quantize(Decimal(1).scaleb(-digits), rounding=rounding))
 
 
 def round_down(radius: float, digits: int = 6) -> float:

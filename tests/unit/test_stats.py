@@ -17,6 +17,8 @@ from splitz.stats import (
     mixture_log_wealth,
     randomized_clopper_pearson_lower,
     round_down,
+    text_down,
+    text_up,
 )
 
 
@@ -233,3 +235,11 @@ def test_sequential_bound_reports_its_best_valid_bound():
         SequentialBound(0.0, ((10, 0.5), (5, 0.1)))
     with pytest.raises(ValueError):
         SequentialBound(0.0, ((10, 0.001),), "wald")
+
+
+def test_printed_bounds_round_toward_safety():
+    """A printed radius or lower bound never exceeds the value, a printed L never falls short."""
+    assert text_down(0.5711406539, 6) == "0.571140"
+    assert text_up(0.5711406469, 6) == "0.571141"
+    assert text_down(0.25, 4) == "0.2500" and text_up(0.25, 4) == "0.2500"
+    assert text_down(float("inf"), 4) == "inf"
