@@ -4,14 +4,25 @@ Weights load with safetensors (no code execution); the card says how to rebuild 
 architecture, the split, sigma, and the input the certificate is about (shape, classes, the
 normalization applied inside the model, preprocessing). A known data set (mnist, cifar10) gives
 the defaults of the last four, so cards written before they existed stay valid.
+
+A model folder is written whole under a hidden name and then published in one rename; a
+replacement swaps the two folders in one step (Linux renameat2, RENAME_EXCHANGE). Readers open a
+folder once and its files inside it (open_version), so each sees one whole version: never no
+model, never the card of one version with the weights of another.
 """
 
+import ctypes
+import errno
 import hashlib
 import json
+import os
 import re
+import secrets
+import shutil
 from dataclasses import dataclass
+from functools import partial
 from pathlib import Path
-from typing import Any
+from typing import Any, BinaryIO
 
 from pydantic import (
     BaseModel,
@@ -25,7 +36,8 @@ from pydantic import (
     model_validator,
 )
 from safetensors import SafetensorError
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load as load_safetensors
+from safetensors.torch import save_file
 
 from . import data
 from .errors import CheckpointError, UnknownModelError
@@ -40,6 +52,8 @@ BOUND_METHODS = {
     "input": "none needed: f1 is the identity (L = 1), plain randomized smoothing",
 }
 PIXEL_RANGE = (0.0, 1.0)
+READ_TRIES = 3  # a folder replaced this many times while one reader opens it is an error
+RENAME_NOREPLACE, RENAME_EXCHANGE = 1, 2  # renameat2(2) flags (linux/fs.h)
 
 
 class ModelCard(BaseModel):
@@ -147,8 +161,12 @@ def read_card(directory: Path) -> ModelCard:
     path = Path(directory) / CARD
     if not path.is_file():
         raise CheckpointError(f"no model card at {path}")
+    return _parse_card(path.read_bytes(), path)
+
+
+def _parse_card(text: bytes, path: Path) -> ModelCard:
     try:
-        return ModelCard.model_validate_json(path.read_bytes())
+        return ModelCard.model_validate_json(text)
     except ValidationError as e:
         raise CheckpointError(f"invalid model card {path}: {card_error(e)}") from None
 
@@ -162,22 +180,21 @@ def card_error(e: ValidationError) -> str:
 
 
 def load(directory: Path, device: str = "cpu") -> LoadedModel:
-    """Rebuild the architecture from the card and load the weights strictly."""
+    """Rebuild the architecture from the card and load the weights strictly. Card and weights
+    come from one version of the folder, and the sha256 is that of the very bytes loaded."""
     directory = Path(directory)
-    if not directory.is_dir():
-        raise UnknownModelError(f"model directory not found: {directory}")
-    card = read_card(directory)
+    card, file = open_version(directory)
+    with file:
+        blob = file.read()
     weights = directory / WEIGHTS
-    if not weights.is_file():
-        raise CheckpointError(f"no weights file at {weights}")
     try:
         model = create_model(card.arch, card.spec(), card.split, card.sigma, **card.arch_kwargs)
     except (ValueError, TypeError) as e:
         raise CheckpointError(f"model card {directory / CARD} describes no valid model: {e}") \
             from None
     try:
-        state = load_file(weights, device="cpu")
-    except (SafetensorError, OSError, ValueError) as e:
+        state = load_safetensors(blob)
+    except (SafetensorError, ValueError) as e:
         raise CheckpointError(f"corrupt weights file {weights}: {e}") from None
     try:
         model.load_state_dict(state, strict=True)
@@ -186,7 +203,102 @@ def load(directory: Path, device: str = "cpu") -> LoadedModel:
         raise CheckpointError(f"weights {weights} do not match the card: {first}") from None
     if mismatch := normalization_mismatch(model):
         raise CheckpointError(f"weights {weights} do not match the card: {mismatch}")
-    return LoadedModel(model.to(device).eval(), card, sha256(weights))
+    return LoadedModel(model.to(device).eval(), card, hashlib.sha256(blob).hexdigest())
+
+
+def open_version(directory: Path) -> tuple[ModelCard, BinaryIO]:
+    """The card and the open weights file (the caller closes it) of one version of a model
+    folder: the folder is opened once and both files inside it. A folder replaced or deleted
+    meanwhile (its old files gone) is opened again."""
+    directory = Path(directory)
+    for _ in range(READ_TRIES):
+        try:
+            folder = os.open(directory, os.O_RDONLY | os.O_DIRECTORY)
+        except (FileNotFoundError, NotADirectoryError):
+            raise UnknownModelError(f"model directory not found: {directory}") from None
+        inside = partial(os.open, dir_fd=folder)
+        try:
+            with open(CARD, "rb", opener=inside) as f:
+                card = _parse_card(f.read(), directory / CARD)
+            return card, open(WEIGHTS, "rb", opener=inside)
+        except FileNotFoundError as e:
+            if not _moved(folder, directory):
+                what = "model card" if e.filename == CARD else "weights file"
+                raise CheckpointError(f"no {what} at {directory / e.filename}") from None
+        finally:
+            os.close(folder)
+    raise CheckpointError(f"{directory} was replaced {READ_TRIES} times while being read")
+
+
+def _moved(folder: int, directory: Path) -> bool:
+    """Whether `directory` no longer names the folder opened as `folder`."""
+    try:
+        now, opened = os.stat(directory), os.fstat(folder)
+    except FileNotFoundError:
+        return True
+    return (now.st_dev, now.st_ino) != (opened.st_dev, opened.st_ino)
+
+
+_DIGESTS: dict[tuple[int, ...], str] = {}  # weights files hashed, by identity on disk
+
+
+def version(directory: Path) -> tuple[ModelCard, str]:
+    """The card and the weights' sha256 of the model in `directory`, from one version of it.
+    The hash is remembered by the file's device, inode, size and times (a new file that reuses
+    a deleted one's inode was written later), so a large model is hashed once, not per
+    request."""
+    card, file = open_version(directory)
+    with file:
+        st = os.fstat(file.fileno())
+        key = (st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns, st.st_ctime_ns)
+        if key not in _DIGESTS:
+            if len(_DIGESTS) > 1024:
+                _DIGESTS.clear()
+            _DIGESTS[key] = hashlib.file_digest(file, "sha256").hexdigest()
+    return card, _DIGESTS[key]
+
+
+def publish(folder: Path, target: Path, replace: bool = False) -> bool:
+    """Make the complete model `folder` the model at `target` in one atomic rename. An existing
+    model is kept (FileExistsError) unless `replace`; then the two folders are swapped in one
+    step, and `folder` holds the old version for the caller to delete. Returns whether a model
+    was replaced."""
+    while True:
+        try:
+            _rename2(folder, target, RENAME_NOREPLACE)
+            return False
+        except FileExistsError:
+            if not replace:
+                raise
+        try:
+            _rename2(folder, target, RENAME_EXCHANGE)
+            return True
+        except FileNotFoundError:  # deleted since: published as a new model on the next turn
+            pass
+
+
+def remove(repository: Path, model_id: str) -> None:
+    """Delete a model: renamed to a hidden name in one step (readers find it whole or not at
+    all), then its files."""
+    path = resolve(repository, model_id)
+    hidden = path.with_name(f".deleted-{model_id}-{secrets.token_hex(8)}")
+    try:
+        path.rename(hidden)
+    except FileNotFoundError:
+        raise UnknownModelError(f"unknown model {model_id!r}") from None
+    shutil.rmtree(hidden, ignore_errors=True)
+
+
+def _rename2(src: Path, dst: Path, flags: int) -> None:
+    """Linux renameat2(2), atomic: RENAME_NOREPLACE fails with EEXIST rather than replace
+    `dst`; RENAME_EXCHANGE swaps two existing paths."""
+    rename = getattr(ctypes.CDLL(None, use_errno=True), "renameat2", None)
+    if rename is None:
+        raise OSError(errno.ENOSYS, "publishing a model needs Linux renameat2", str(dst))
+    at_cwd = -100  # AT_FDCWD: paths relative to the working directory
+    if rename(at_cwd, os.fsencode(src), at_cwd, os.fsencode(dst), ctypes.c_uint(flags)):
+        err = ctypes.get_errno()
+        raise OSError(err, os.strerror(err), str(src), None, str(dst))
 
 
 def resolve(repository: Path, model_id: str) -> Path:
@@ -206,8 +318,5 @@ def list_cards(repository: Path) -> list[ModelCard]:
 
 
 def sha256(path: Path) -> str:
-    h = hashlib.sha256()
     with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
+        return hashlib.file_digest(f, "sha256").hexdigest()

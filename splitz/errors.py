@@ -19,3 +19,7 @@ class UnknownModelError(CheckpointError):
 
 class InvalidModelError(InputError):
     """Weights or card fields that make no valid model (splitz import, uploads)."""
+
+
+class ModelExistsError(InvalidModelError):
+    """A model of that id exists and was not to be replaced."""

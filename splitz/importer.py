@@ -3,9 +3,11 @@
 `import_model(weights, fields, repository)` takes a state dict (safetensors bytes, or a torch
 file read with `torch.load(weights_only=True)`: tensors and plain containers only, never code)
 and card fields, checks everything a certificate depends on, and writes the repository's layout
-(the SplitModel's state dict as model.safetensors, and card.json) atomically. Every problem is an
-InvalidModelError whose one-line message names the key or field; likely mistakes that could
-also be intended come back as warnings.
+(the SplitModel's state dict as model.safetensors, and card.json) atomically: a replaced model is
+swapped for the new one in one step (checkpoint.publish). Every problem is an InvalidModelError
+(ModelExistsError for an existing id not to be replaced) whose one-line message names the key or
+field, and leaves the repository as it was; likely mistakes that could also be intended come
+back as warnings.
 
 The weights are those of the architecture as its authors name them: for a whole network
 (torchvision, cifar_resnet*) the network's own keys, for splitz's architectures the SplitModel's.
@@ -14,7 +16,6 @@ The weights are those of the architecture as its authors name them: for a whole 
 import hashlib
 import io
 import math
-import os
 import pickle
 import re
 import shutil
@@ -30,7 +31,7 @@ from safetensors.torch import load as load_safetensors
 from torch import Tensor, nn
 
 from . import checkpoint, data
-from .errors import CheckpointError, InvalidModelError
+from .errors import CheckpointError, InvalidModelError, ModelExistsError
 from .nets import SplitModel, create_model, is_network, normalization_mismatch
 
 DEFAULTS = {"split": "input", "dataset": "custom"}  # plain randomized smoothing, own input fields
@@ -62,6 +63,7 @@ class Imported:
     card: checkpoint.ModelCard
     sha256: str  # of the written weights: the model's identity in certificates
     warnings: list[str]
+    replaced: bool = False  # an existing model of this id was replaced
 
 
 def import_model(weights: bytes | Path, fields: dict[str, Any], repository: Path,
@@ -151,20 +153,28 @@ def build(state: dict[str, Tensor], card: checkpoint.ModelCard,
 
 def write(package: Package, target: Path, force: bool = False) -> Imported:
     """Write the package into a hidden temporary folder beside `target`, load it back as the
-    engine will, then rename it into place: a half-written model is never visible."""
-    target.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".import-{target.name}-", dir=target.parent))
+    engine will, then publish it: a half-written model is never visible, and a replaced one is
+    swapped out in one step (its folder, now the temporary one, is then deleted). A repository
+    that cannot be written is the server's problem (CheckpointError), not the weights'."""
+    tmp = None
     try:
+        target.parent.mkdir(parents=True, exist_ok=True)
+        tmp = Path(tempfile.mkdtemp(prefix=f".import-{target.name}-", dir=target.parent))
         checkpoint.save(package.model, package.card, tmp)
-        checkpoint.load(tmp)
+        written = checkpoint.load(tmp)
         tmp.chmod(0o755)  # mkdtemp's 0700 would hide the model from a service's other user
-        _publish(tmp, target, force)
+        replaced = checkpoint.publish(tmp, target, replace=force)
     except CheckpointError as e:
         raise InvalidModelError(f"the written model does not load: {e}") from None
+    except FileExistsError:
+        raise _exists(target.name) from None
+    except OSError as e:
+        raise CheckpointError(f"cannot write model {target.name!r} into {target.parent}: "
+                              f"{e.strerror}") from None
     finally:
-        shutil.rmtree(tmp, ignore_errors=True)
-    return Imported(target, package.card, checkpoint.sha256(target / checkpoint.WEIGHTS),
-                    package.warnings)
+        if tmp is not None:
+            shutil.rmtree(tmp, ignore_errors=True)
+    return Imported(target, package.card, written.sha256, package.warnings, replaced)
 
 
 def _read(path: Path) -> bytes:
@@ -175,27 +185,17 @@ def _read(path: Path) -> bytes:
 
 
 def _target(repository: Path, model_id: str, force: bool) -> Path:
+    """Where the model goes; an existing one is refused before any work unless `force` (and
+    again, atomically, when it is published)."""
     target = repository / model_id
     if target.exists() and not force:
-        raise InvalidModelError(f"model {model_id!r} exists in {repository}; replace it with "
-                                "--force")
+        raise _exists(model_id)
     return target
 
 
-def _publish(tmp: Path, target: Path, force: bool) -> None:
-    """Rename into place; a replaced model is renamed away first (for that instant no model of
-    this id exists), then deleted."""
-    old = None
-    if target.exists():
-        _target(target.parent, target.name, force)
-        old = target.with_name(f".replaced-{target.name}-{os.getpid()}")
-        target.rename(old)
-    try:
-        tmp.rename(target)
-    except OSError as e:  # another import won the race
-        raise InvalidModelError(f"model {target.name!r}: cannot write ({e.strerror})") from None
-    if old is not None:
-        shutil.rmtree(old, ignore_errors=True)
+def _exists(model_id: str) -> ModelExistsError:
+    return ModelExistsError(f"model {model_id!r} exists; replace it with --force (splitz import) "
+                            f"or overwrite=true (PUT /models/{model_id})")
 
 
 def _strip(state: dict[str, Tensor], prefix: str) -> dict[str, Tensor]:

@@ -1,9 +1,11 @@
 """splitz import: every family imports and certifies like the same weights loaded the usual way;
 every bad input is one error that names the key or field, and leaves nothing behind."""
 
+import errno
 import io
 import json
 import os
+import threading
 
 import pytest
 import torch
@@ -12,7 +14,7 @@ from torchvision import models as tv
 
 from splitz import Smooth, checkpoint, importer
 from splitz.cli import main
-from splitz.errors import InvalidModelError
+from splitz.errors import CheckpointError, InvalidModelError, ModelExistsError
 from splitz.images import save_image
 from splitz.nets import create_model, is_network
 
@@ -245,12 +247,46 @@ def test_a_wrapper_prefix_is_named_with_the_fix(tmp_path, prefix, why):
 
 def test_an_existing_model_is_replaced_only_when_forced(tmp_path):
     first = importer.import_model(save(net_state()), card(), tmp_path)
-    with pytest.raises(InvalidModelError, match="model 'm' exists .*--force"):
+    with pytest.raises(ModelExistsError, match="model 'm' exists; replace it with --force"):
         importer.import_model(save(net_state()), card(), tmp_path)
     assert checkpoint.sha256(tmp_path / "m" / checkpoint.WEIGHTS) == first.sha256
     second = importer.import_model(save(net_state()), card(sigma=0.5), tmp_path, force=True)
     assert second.sha256 != first.sha256  # a fresh init: other weights
     assert checkpoint.load(tmp_path / "m").card.sigma == 0.5
+    assert [p.name for p in tmp_path.iterdir()] == ["m"]
+
+
+def test_a_replaced_model_is_never_missing_nor_mixed(tmp_path):
+    """A reader during replacements finds a whole version each time: never no model (the
+    replaced folder used to be renamed away before the new one came in: a few misses in 10
+    replacements), never one version's card with the other's weights."""
+    weights = [save(net_state("lenet", dataset="mnist", arch_kwargs={"width": 4}))
+               for _ in range(2)]
+    fields = card(arch="lenet", dataset="mnist", arch_kwargs={"width": 4})
+    done = importer.import_model(weights[0], fields, tmp_path)
+    written = {(done.card.sigma, done.sha256)}  # each card with the weights it came with
+    misses, seen, stop = [], set(), threading.Event()
+
+    def read():
+        while not stop.is_set():
+            try:
+                c, sha = checkpoint.version(checkpoint.resolve(tmp_path, "m"))
+                seen.add((c.sigma, sha))
+            except CheckpointError as e:  # an unknown model, or a folder gone while read
+                misses.append(e)
+
+    reader = threading.Thread(target=read)
+    reader.start()
+    try:
+        for i in range(10):
+            done = importer.import_model(weights[i % 2], fields | {"sigma": (0.5, 1.0)[i % 2]},
+                                         tmp_path, force=True)
+            written.add((done.card.sigma, done.sha256))
+    finally:
+        stop.set()
+        reader.join()
+    assert misses == []
+    assert len(written) == 3 and seen <= written and len(seen) >= 2
     assert [p.name for p in tmp_path.iterdir()] == ["m"]
 
 
@@ -262,6 +298,19 @@ def test_a_failure_while_writing_leaves_no_folder(tmp_path, monkeypatch):
 
     monkeypatch.setattr(checkpoint, "load", broken_load)
     with pytest.raises(InvalidModelError, match="the written model does not load: disk trouble"):
+        importer.import_model(save(net_state()), card(), tmp_path / "repo")
+    assert nothing_written(tmp_path / "repo")
+
+
+def test_a_repository_that_cannot_be_written_is_the_servers_error_and_keeps_nothing(
+        tmp_path, monkeypatch):
+    """A file system without renameat2's exchange (EINVAL) is the repository's problem, not the
+    weights' (an InputError would answer the uploader 422)."""
+    def unsupported(src, dst, flags):
+        raise OSError(errno.EINVAL, "Invalid argument")
+
+    monkeypatch.setattr(checkpoint, "_rename2", unsupported)
+    with pytest.raises(CheckpointError, match=r"cannot write model 'm' into .*: Invalid argument"):
         importer.import_model(save(net_state()), card(), tmp_path / "repo")
     assert nothing_written(tmp_path / "repo")
 
