@@ -1,7 +1,11 @@
 """Certification jobs: plain functions of JSON-able arguments, shared by the RQ workers and the
 embedded backend. A job certifies its images one by one (image i with seed + i, so results equal
 the engine's `Smooth.certify(images, seed=seed)`; no seed: each image's is drawn securely),
-reporting progress, and honouring cancellation before each chunk of samples."""
+reporting progress, and honouring cancellation before each chunk of samples.
+
+A job names the model version it was submitted for (the weights' sha256, as the API found it) and
+runs on exactly that version: the one the process holds, or the repository's current one; if the
+model was replaced or deleted since, the job fails saying so."""
 
 import base64
 import binascii
@@ -14,13 +18,14 @@ import torch
 from pydantic import BaseModel, Field, model_validator
 
 from splitz import checkpoint
-from splitz.errors import InputError, SplitzError
+from splitz.errors import InputError, SplitzError, UnknownModelError
 from splitz.images import load_image
 from splitz.smoothing import Smooth
 
 
 class JobSpec(BaseModel):
     model_id: str
+    model_sha256: str = Field(pattern=r"^[0-9a-f]{64}$")  # the version it was submitted for
     images: list[str] = Field(min_length=1)  # base64 PNG / JPEG bytes
     names: list[str] = Field(default_factory=list)
     n: int = Field(100_000, ge=1)
@@ -48,20 +53,42 @@ class Canceled(Exception):
     """The client canceled the job."""
 
 
+class ModelReplaced(SplitzError):
+    """The repository holds another version of the model than the job was submitted for."""
+
+
 class ModelCache:
-    """Checkpoints loaded once per process and kept warm (one Smooth per model id)."""
+    """One version of each model per process, loaded when first needed and kept warm (one
+    Smooth per model id); a new version replaces the one held when a job asks for it."""
 
     def __init__(self, model_dir: Path, batch_size: int | None = None, device: str = "cpu"):
         self.model_dir, self.batch_size, self.device = Path(model_dir), batch_size, device
         self._models: dict[str, Smooth] = {}
         self._lock = threading.Lock()
 
-    def get(self, model_id: str) -> Smooth:
+    def get(self, model_id: str, sha256: str | None = None) -> Smooth:
+        """The model at version `sha256` (None: the repository's, or the one held). A deleted
+        model is refused even when held; a version other than the one held is loaded only if
+        the repository has it (checked first from the file's cached hash: a stale job costs no
+        load)."""
         with self._lock:
-            if model_id not in self._models:
-                loaded = checkpoint.load(checkpoint.resolve(self.model_dir, model_id))
-                self._models[model_id] = Smooth.from_checkpoint(loaded, self.batch_size,
-                                                                self.device)
+            try:
+                path = checkpoint.resolve(self.model_dir, model_id)
+            except UnknownModelError:
+                self._models.pop(model_id, None)
+                if sha256 is None:
+                    raise
+                raise UnknownModelError(f"model {model_id!r} was deleted after this job was "
+                                        "submitted") from None
+            held = self._models.get(model_id)
+            if held is not None and sha256 in (None, held.model_sha256):
+                return held
+            if sha256 is not None and (current := checkpoint.version(path)[1]) != sha256:
+                raise _replaced(model_id, sha256, current)
+            loaded = checkpoint.load(path)
+            if sha256 is not None and loaded.sha256 != sha256:  # replaced again meanwhile
+                raise _replaced(model_id, sha256, loaded.sha256)
+            self._models[model_id] = Smooth.from_checkpoint(loaded, self.batch_size, self.device)
             return self._models[model_id]
 
     def warm(self, model_ids: list[str] | None = None) -> list[str]:
@@ -69,6 +96,12 @@ class ModelCache:
         for model_id in ids:
             self.get(model_id)
         return ids
+
+
+def _replaced(model_id: str, wanted: str, found: str) -> ModelReplaced:
+    return ModelReplaced(f"model {model_id!r} was replaced after this job was submitted: the job "
+                         f"is for weights sha256 {wanted}, the repository now holds {found}; "
+                         "submit it again")
 
 
 def decode_base64(text: str, name: str) -> bytes:
@@ -81,7 +114,7 @@ def decode_base64(text: str, name: str) -> bytes:
 def run_certify(spec: JobSpec, models: ModelCache,
                 progress: Callable[[int, int], None] = lambda done, total: None,
                 canceled: Callable[[], bool] = lambda: False) -> dict:
-    smooth = models.get(spec.model_id)
+    smooth = models.get(spec.model_id, spec.model_sha256)
     images = _decode(spec, smooth)
     start, results = time.perf_counter(), []
     progress(0, len(images))
@@ -111,7 +144,8 @@ def batch_key(spec: JobSpec) -> tuple | None:
     jobs that are not batched (radius queries, jobs over SMALL_JOB_IMAGES)."""
     if spec.is_query or len(spec.images) > SMALL_JOB_IMAGES:
         return None
-    return spec.model_id, spec.n, spec.n0, spec.alpha, spec.radius, spec.seed is None
+    return (spec.model_id, spec.model_sha256, spec.n, spec.n0, spec.alpha, spec.radius,
+            spec.seed is None)
 
 
 def run_batch(specs: list[JobSpec], models: ModelCache) -> list[dict]:
@@ -119,7 +153,10 @@ def run_batch(specs: list[JobSpec], models: ModelCache) -> list[dict]:
     jobs share forward passes and the Lipschitz search. Each job's results equal run_job's:
     the engine draws image i's noise from its own seed, whatever shares the pass."""
     first = specs[0]
-    smooth = models.get(first.model_id)
+    try:
+        smooth = models.get(first.model_id, first.model_sha256)
+    except SplitzError as e:  # the model is gone or replaced: every job says so
+        return [{"error": str(e)} for _ in specs]
     start, decoded = time.perf_counter(), []
     for spec in specs:
         try:

@@ -14,7 +14,6 @@ from pydantic import BaseModel, ValidationError
 from starlette.datastructures import UploadFile
 
 from splitz import checkpoint
-from splitz.data import spec
 from splitz.errors import InputError
 from splitz.images import canonical_png
 from worker.jobs import JobSpec, decode_base64
@@ -52,8 +51,8 @@ async def certify(request: Request, query: QueryDep, backend: BackendDep,
     """Certify one image: multipart field `image`, or JSON `{"image": "<base64>"}`. Parameters
     go in the query string (or the JSON body); `early_stop` with `radius` answers only
     "certified at radius?", sampling until decided."""
-    params, images = await _read(request, query, settings, batch=False)
-    job_id = _submit(backend, _spec(params, images, settings))
+    params, spec = await _read(request, query, settings, batch=False)
+    job_id = _submit(backend, spec)
     try:
         view = await _wait(request, backend, job_id,
                            settings.sync_wait_s if params.wait else 0.0)
@@ -76,8 +75,8 @@ async def submit(request: Request, query: QueryDep, backend: BackendDep,
                  settings: SettingsDep) -> JSONResponse:
     """A batch: multipart fields `images` (repeated) and/or `zip` (a zip of PNG/JPEG files), or
     JSON `{"images": ["<base64>", ...], "names": [...]}`; parameters as for /certify."""
-    params, images = await _read(request, query, settings, batch=True)
-    job_id = _submit(backend, _spec(params, images, settings))
+    _, spec = await _read(request, query, settings, batch=True)
+    job_id = _submit(backend, spec)
     try:
         return _accepted(request, backend.get(job_id))
     except BackendUnavailable as e:
@@ -103,10 +102,11 @@ def cancel(job_id: str, request: Request, backend: BackendDep) -> dict[str, Any]
 # -- reading a request -----------------------------------------------------------------------
 
 async def _read(request: Request, query: QueryParams, settings: Settings,
-                batch: bool) -> tuple[Params, list[tuple[str, bytes]]]:
-    """The parameters and the images, each checked and re-encoded (canonical_png) one at a time,
-    so the API holds at most one decoded file beside the body, and decodes at most
-    max_decoded_bytes in all."""
+                batch: bool) -> tuple[Params, JobSpec]:
+    """The parameters and the job: the images, each checked, preprocessed as the model's card
+    says and re-encoded (canonical_png) one at a time, so the API holds at most one decoded file
+    beside the body, and decodes at most max_decoded_bytes in all; and the model's version (its
+    card and weights' sha256 read together), which the job will run on."""
     kind = request.headers.get("content-type", "")
     if kind.startswith("multipart/form-data"):
         fields, files = await _read_form(request, settings, batch)
@@ -116,15 +116,15 @@ async def _read(request: Request, query: QueryParams, settings: Settings,
         raise HTTPException(415, "send multipart/form-data or application/json")
     params = _validate(Params, query.model_dump(exclude_unset=True) | fields)
     _check(params, settings)
-    shape = spec(checkpoint.read_card(checkpoint.resolve(settings.model_dir, params.model))
-                 .dataset).input_shape
-    budget = Budget(settings, batch)
-    images = []
+    folder = checkpoint.resolve(settings.model_dir, params.model)
+    card, sha256 = await anyio.to_thread.run_sync(checkpoint.version, folder)  # may hash a file
+    shape, budget, images = card.spec().input_shape, Budget(settings, batch), []
     for name, data in files:
-        images += [(nm, canonical_png(raw, shape, nm)) async for nm, raw in data(budget, name)]
+        images += [(nm, canonical_png(raw, shape, nm, card.preprocess))
+                   async for nm, raw in data(budget, name)]
     if not images:
         raise InputError("no image in the request")
-    return params, images
+    return params, _spec(params, sha256, images, settings)
 
 
 class Budget:
@@ -220,8 +220,10 @@ def _check(params: Params, settings: Settings) -> None:
             raise InputError(f"n={n} is over this server's cap of {settings.max_n}")
 
 
-def _spec(params: Params, images: list[tuple[str, bytes]], settings: Settings) -> JobSpec:
-    return JobSpec(model_id=params.model, images=[base64.b64encode(d).decode() for _, d in images],
+def _spec(params: Params, sha256: str, images: list[tuple[str, bytes]],
+          settings: Settings) -> JobSpec:
+    return JobSpec(model_id=params.model, model_sha256=sha256,
+                   images=[base64.b64encode(d).decode() for _, d in images],
                    names=[nm for nm, _ in images], n=params.n or settings.default_n,
                    n0=params.n0, alpha=params.alpha, seed=params.seed, radius=params.radius,
                    early_stop=params.early_stop)

@@ -1,5 +1,6 @@
 import base64
 import io
+import json
 import os
 import shutil
 from pathlib import Path
@@ -7,8 +8,12 @@ from pathlib import Path
 import pytest
 import redis
 import torch
+from fastapi.testclient import TestClient
 from PIL import Image
+from safetensors.torch import save
 
+from app.main import create_app
+from app.settings import Settings
 from app.stack import RedisServer, Stack
 from splitz import checkpoint
 from splitz.nets import create_model
@@ -17,21 +22,42 @@ TINY = "tiny"  # a narrow SPLITZ LeNet: a few hundred samples take milliseconds
 TINY_RS = "tiny-rs"  # the same, split at the input: no Lipschitz search, for many-image jobs
 
 
+LENET = {"arch": "lenet", "arch_kwargs": {"width": 4}, "dataset": "mnist", "sigma": 0.5}
+
+
+def confident_lenet(split: str, label: int = 7):
+    """A narrow LeNet whose base classifier says `label` nearly everywhere."""
+    torch.manual_seed(0)
+    model = create_model("lenet", "mnist", split, 0.5, width=4)
+    with torch.no_grad():
+        model.f2[-1].bias[label] = 30.0
+    return model
+
+
 def make_repository(root: Path) -> Path:
     for model_id, split in ((TINY, "conv1"), (TINY_RS, "input")):
-        torch.manual_seed(0)
-        model = create_model("lenet", "mnist", split, 0.5, width=4)
-        with torch.no_grad():
-            model.f2[-1].bias[7] = 30.0  # a confident base classifier: class 7 nearly everywhere
-        card = checkpoint.ModelCard(id=model_id, arch="lenet", arch_kwargs={"width": 4},
-                                    dataset="mnist", split=split, sigma=0.5)
-        checkpoint.save(model, card, root / model_id)
+        card = checkpoint.ModelCard(id=model_id, split=split, **LENET)
+        checkpoint.save(confident_lenet(split), card, root / model_id)
     return root
+
+
+def upload(label: int = 7, **card) -> dict:
+    """The multipart files of PUT /models/{id}: a confident LeNet split at the input (weights
+    as splitz import takes them) and its card."""
+    weights = save(confident_lenet("input", label).state_dict())
+    fields = LENET | {"split": "input"} | card
+    return {"weights": ("lenet.safetensors", weights, "application/octet-stream"),
+            "card": ("card.json", json.dumps(fields), "application/json")}
 
 
 @pytest.fixture(scope="session")
 def repository(tmp_path_factory) -> Path:
     return make_repository(tmp_path_factory.mktemp("models"))
+
+
+def sha256(repository: Path, model_id: str) -> str:
+    """The version of a model that a job names (what the API finds at submit time)."""
+    return checkpoint.version(repository / model_id)[1]
 
 
 def png_bytes(seed: int = 0, size=(28, 28), mode="L") -> bytes:
@@ -58,6 +84,21 @@ def redis_binary() -> str:
     pytest.skip("redis-server is not installed; the service tests need it")
 
 
+@pytest.fixture
+def make_client(repository):
+    """In-process apps (the embedded backend) over `repository`, closed after the test."""
+    clients = []
+
+    def make(**settings) -> TestClient:
+        app = create_app(Settings(**{"model_dir": repository, "default_n": 300} | settings))
+        clients.append(TestClient(app).__enter__())
+        return clients[-1]
+
+    yield make
+    for c in clients:
+        c.__exit__(None, None, None)
+
+
 @pytest.fixture(scope="module")
 def redis_server(tmp_path_factory):
     server = RedisServer(tmp_path_factory.mktemp("redis"), redis_binary())
@@ -70,9 +111,9 @@ def redis_server(tmp_path_factory):
 def make_stack(redis_server, repository, tmp_path):
     stacks = []
 
-    def make(**kw) -> Stack:
+    def make(model_dir: Path = repository, **kw) -> Stack:
         redis.Redis.from_url(redis_server.url).flushall()
-        stacks.append(Stack(redis_server, repository, tmp_path, **kw))
+        stacks.append(Stack(redis_server, model_dir, tmp_path, **kw))
         return stacks[-1]
 
     yield make

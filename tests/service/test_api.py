@@ -5,33 +5,17 @@ import time
 import zipfile
 
 import pytest
-from fastapi.testclient import TestClient
 from PIL import Image
 
 from app.backends import EmbeddedBackend
-from app.main import create_app
 from app.settings import Settings
 from splitz import checkpoint
 from splitz.images import load_image
+from splitz.nets import create_model
 from splitz.smoothing import Smooth
 from worker.jobs import JobSpec
 
-from .conftest import TINY, b64, png_bytes
-
-
-@pytest.fixture
-def make_client(repository):
-    clients = []
-
-    def make(**settings) -> TestClient:
-        app = create_app(Settings(**{"model_dir": repository, "default_n": 300} | settings))
-        client = TestClient(app).__enter__()
-        clients.append(client)
-        return client
-
-    yield make
-    for c in clients:
-        c.__exit__(None, None, None)
+from .conftest import TINY, b64, png_bytes, sha256
 
 
 @pytest.fixture
@@ -200,7 +184,8 @@ def test_radius_query_stops_early(client):
 def test_embedded_wait_returns_when_the_job_ends_not_at_the_deadline(repository):
     backend = EmbeddedBackend(Settings(model_dir=repository))
     try:
-        spec = dict(model_id=TINY, images=[b64(png_bytes())], n=200)
+        spec = dict(model_id=TINY, model_sha256=sha256(repository, TINY),
+                    images=[b64(png_bytes())], n=200)
         running = backend.submit(JobSpec(**spec | {"n": 20_000}))
         queued = backend.submit(JobSpec(**spec))  # behind it: one worker thread
         start = time.monotonic()
@@ -274,7 +259,7 @@ def test_a_zip_that_decompresses_past_the_cap_is_refused_before_decoding(make_cl
     client = make_client(max_decoded_bytes=1_000_000)
     decoded = []
     monkeypatch.setattr("app.routes.certify.canonical_png",
-                        lambda data, shape, name: decoded.append(name) or png_bytes())
+                        lambda data, shape, name, preprocess: decoded.append(name) or png_bytes())
     buf = io.BytesIO()
     with zipfile.ZipFile(buf, "w", zipfile.ZIP_DEFLATED) as z:
         for i in range(3):
@@ -354,3 +339,30 @@ def test_cancel_stops_a_running_single_image_job(client, monkeypatch):
     assert client.delete(url).status_code == 202
     body = wait_for(client, url)
     assert body["status"] == "canceled" and body["progress"]["done"] == 0
+
+
+def test_an_imported_model_with_its_own_input_certifies_preprocessed_images(make_client,
+                                                                           tmp_path):
+    """The API took the input shape from the card's data set name, which an imported model's
+    'custom' data set is not (every image failed), and did not preprocess: GET /models lists
+    the card, and the job gets the preprocessed pixels."""
+    from safetensors.torch import save
+
+    from splitz.importer import import_model
+
+    fields = {"id": "own", "arch": "cifar_resnet20", "sigma": 0.25, "input_shape": [3, 32, 32],
+              "classes": 10, "mean": [0.5] * 3, "std": [0.25] * 3,
+              "preprocess": {"resize": 32, "center_crop": 32}}
+    spec = checkpoint.ModelCard(**fields | {"dataset": "custom", "split": "input"}).spec()
+    net = create_model("cifar_resnet20", spec, "input", 0.25).f2[1]
+    done = import_model(save(net.state_dict()), fields, tmp_path)
+    client = make_client(model_dir=tmp_path)
+    card = client.get("/models").json()[0]
+    assert card["input_shape"] == [3, 32, 32] and card["preprocess"]["center_crop"] == 32
+    photo = io.BytesIO()
+    Image.new("RGB", (48, 30), (200, 10, 10)).save(photo, "JPEG")
+    r = client.post("/certify", params={"model": "own", "n": 50},
+                    files=upload(photo.getvalue(), "photo.jpg"))
+    assert r.status_code == 200, r.text
+    assert r.json()["preprocess"] == "resize 32, center crop 32"
+    assert r.json()["model_sha256"] == done.sha256

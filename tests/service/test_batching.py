@@ -10,7 +10,7 @@ from splitz.images import load_image
 from splitz.smoothing import Smooth
 from worker.jobs import JobSpec, ModelCache, run_batch, run_job
 
-from .conftest import TINY, TINY_RS, b64, files, png_bytes
+from .conftest import TINY, TINY_RS, b64, files, png_bytes, sha256
 
 
 def comparable(result: dict) -> dict:
@@ -23,10 +23,11 @@ def comparable(result: dict) -> dict:
 
 
 def test_a_batched_pass_gives_each_job_its_own_result(repository):
-    models = ModelCache(repository)
-    specs = [JobSpec(model_id=TINY, images=[b64(png_bytes(i)), b64(png_bytes(i + 10))], n=300,
-                     seed=7 * i, radius=0.05) for i in range(3)]
-    specs.insert(1, JobSpec(model_id=TINY, images=[b64(b"not an image")], n=300, radius=0.05))
+    models, version = ModelCache(repository), sha256(repository, TINY)
+    specs = [JobSpec(model_id=TINY, model_sha256=version, n=300, seed=7 * i, radius=0.05,
+                     images=[b64(png_bytes(i)), b64(png_bytes(i + 10))]) for i in range(3)]
+    specs.insert(1, JobSpec(model_id=TINY, model_sha256=version, images=[b64(b"not an image")],
+                            n=300, radius=0.05))
     batched = run_batch(specs, models)
     assert [r.get("batched") for r in batched] == [3, None, 3, 3]
     assert "image-0" in batched[1]["error"]
