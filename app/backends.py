@@ -22,14 +22,7 @@ from rq.serializers import JSONSerializer
 from rq.timeouts import TimerDeathPenalty
 
 from worker.jobs import JobSpec, ModelCache, outcome, run_job, samples_used
-from worker.main import (
-    METRICS_KEY,
-    cancel_key,
-    certify_job,
-    count_failure,
-    count_success,
-    queue_name,
-)
+from worker.main import METRICS_KEY, QUEUE, cancel_key, certify_job, count_failure, count_success
 
 from .settings import Settings
 
@@ -67,7 +60,9 @@ class Backend(Protocol):
     def wait(self, job_id: str, deadline: float) -> JobView | None:
         """Block until the job ends or time.monotonic() reaches `deadline`; then get()."""
     def cancel(self, job_id: str) -> bool: ...
-    def ready(self, model_id: str | None = None) -> tuple[bool, str]: ...
+    def ready(self) -> tuple[bool, str]:
+        """Whether jobs can run: the queue is reachable and a worker serves it (every worker
+        serves every model of the repository)."""
     def queue_depth(self) -> int: ...
     def job_counts(self) -> dict[str, int]:
         """Jobs submitted, and ended by final state (finished, failed, canceled), counted when
@@ -171,7 +166,7 @@ class EmbeddedBackend:
                 self._end(view)
         return True
 
-    def ready(self, model_id: str | None = None) -> tuple[bool, str]:
+    def ready(self) -> tuple[bool, str]:
         return True, "embedded"
 
     def queue_depth(self) -> int:
@@ -186,16 +181,17 @@ class EmbeddedBackend:
 
 
 class RQBackend:
-    """Enqueues JSON jobs on one Redis queue per model; RQ workers run them."""
+    """Enqueues JSON jobs on one Redis queue for every model (worker.main.QUEUE); RQ workers
+    run them."""
 
     def __init__(self, settings: Settings):
         self.settings = settings
         self.redis = Redis.from_url(settings.redis_url, socket_timeout=5, socket_connect_timeout=2)
 
-    def _queue(self, model_id: str) -> Queue:
+    def _queue(self) -> Queue:
         # TimerDeathPenalty: registry cleanups here run failure callbacks in request threads,
         # where RQ's default (SIGALRM) cannot be used
-        return Queue(queue_name(model_id), connection=self.redis, serializer=JSONSerializer,
+        return Queue(QUEUE, connection=self.redis, serializer=JSONSerializer,
                      death_penalty_class=TimerDeathPenalty)
 
     def submit(self, spec: JobSpec) -> str:
@@ -204,7 +200,7 @@ class RQBackend:
         job_id = uuid.uuid4().hex
         try:
             with _redis_errors():
-                queue = self._queue(spec.model_id)
+                queue = self._queue()
                 if queue.count >= self.settings.max_queue:
                     raise QueueFull
                 queue.enqueue_call(
@@ -230,7 +226,7 @@ class RQBackend:
                 return None
             status = job.get_status()
             if status == JobStatus.STARTED:  # reap it if its worker died (heartbeats stopped)
-                StartedJobRegistry(queue=self._queue(job.meta["model_id"])).cleanup()
+                StartedJobRegistry(queue=self._queue()).cleanup()
                 status = job.get_status()
             view = JobView(job.id, "queued", job.meta.get("model_id", ""),
                            job.meta.get("done", 0), job.meta.get("total", 0))
@@ -280,22 +276,20 @@ class RQBackend:
                     pass
             return True
 
-    def ready(self, model_id: str | None = None) -> tuple[bool, str]:
+    def ready(self) -> tuple[bool, str]:
         try:
             self.redis.ping()
             workers = Worker.all(connection=self.redis)
         except RedisError as e:
             return False, f"redis unreachable: {type(e).__name__}"
-        wanted = queue_name(model_id) if model_id else None
-        serving = [w for w in workers if wanted is None or wanted in w.queue_names()]
+        serving = [w for w in workers if QUEUE in w.queue_names()]
         if not serving:
-            return False, f"no worker for {model_id or 'any model'}"
+            return False, "no worker"
         return True, f"{len(serving)} worker(s)"
 
     def queue_depth(self) -> int:
         with _redis_errors():
-            keys = self.redis.smembers("rq:queues")
-            return sum(self.redis.llen(k) for k in keys if k.startswith(b"rq:queue:splitz:"))
+            return self._queue().count
 
     def job_counts(self) -> dict[str, int]:
         with _redis_errors():

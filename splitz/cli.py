@@ -98,7 +98,7 @@ def _parser() -> argparse.ArgumentParser:
     se.set_defaults(run=_serve)
 
     wo = sub.add_parser("worker", help="run an RQ worker (needs SPLITZ_REDIS_URL)")
-    wo.add_argument("--models", nargs="*", help="model ids to serve (default: all)")
+    wo.add_argument("--models", nargs="*", help="model ids to load at boot (default: all)")
     wo.add_argument("--burst", action="store_true", help="quit when the queues are empty")
     wo.add_argument("--check", action="store_true",
                     help="healthcheck: exit 0 if a worker of this host is alive in Redis")

@@ -1,6 +1,11 @@
 """The RQ worker process: boot (load and warm every model), then work. Non-forking, so a CUDA
 context survives between jobs; run one process per GPU and scale with more processes.
 
+One queue for every model (QUEUE): a job names its model and version, and the worker loads a
+model it does not hold when a job first needs it (jobs.ModelCache). So a model uploaded or
+replaced after boot is served without a restart, and the queued jobs of a deleted model are
+still taken, and fail saying so, instead of waiting on a queue no worker reads.
+
 Redis outages: every Redis command of the worker is retried with capped exponential backoff
 for as long as Redis is away (redis-py's Retry), so a progress or result write waits for Redis
 instead of killing the worker, and a worker started before Redis waits for it.
@@ -45,6 +50,7 @@ BATCH_IMAGES = 32  # at most this many images in one batched pass
 LOOKAHEAD = 64  # queued jobs inspected for a batch
 CANCEL_POLL_S = 0.5  # a running job reads its cancel flag at most this often
 METRICS_KEY = "splitz:metrics"  # a hash: jobs submitted and by final state, samples
+QUEUE = "splitz"  # the one RQ queue: jobs of every model
 # LREM the job from its queue and, only if it was there, park it on the intermediate queue
 # (RQ's own crash-safe hand-over) until prepare_job_execution starts it under this worker.
 CLAIM = """
@@ -54,10 +60,6 @@ if redis.call('lrem', KEYS[1], 1, ARGV[1]) == 1 then
 end
 return 0
 """
-
-
-def queue_name(model_id: str) -> str:
-    return f"splitz:{model_id}"
 
 
 def cancel_key(job_id: str) -> str:
@@ -266,7 +268,9 @@ def check(redis: Redis, hostname: str, ttl: int) -> str | None:
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="splitz worker", description=__doc__)
-    parser.add_argument("--models", nargs="*", help="model ids to serve (default: all)")
+    parser.add_argument("--models", nargs="*",
+                        help="model ids to load at boot (default: all); others load when a job "
+                             "needs them")
     parser.add_argument("--burst", action="store_true", help="quit when the queues are empty")
     parser.add_argument("--check", action="store_true",
                         help="healthcheck: exit 0 if a worker of this host is alive in Redis")
@@ -283,12 +287,11 @@ def main(argv: list[str] | None = None) -> int:
     redis.ping()
     SplitzWorker.heartbeat_s = settings.heartbeat_s
     while True:  # a work loop that ended on an error it could not wait out starts afresh
-        queues = [Queue(queue_name(i), connection=redis, serializer=JSONSerializer)
-                  for i in ids]
-        worker = SplitzWorker(queues, connection=redis, serializer=JSONSerializer,
+        queue = Queue(QUEUE, connection=redis, serializer=JSONSerializer)
+        worker = SplitzWorker([queue], connection=redis, serializer=JSONSerializer,
                               worker_ttl=worker_ttl(settings),
                               maintenance_interval=max(1, int(3 * settings.heartbeat_s)))
-        log.info("ready: worker %s, models %s", worker.name, ", ".join(ids))
+        log.info("ready: worker %s, models %s warm", worker.name, ", ".join(ids))
         worker.work(burst=args.burst, logging_level="INFO")
         if args.burst or worker._stop_requested:
             return 0

@@ -21,10 +21,10 @@ def healthz() -> dict[str, str]:
                        **errors(422)})
 def readyz(backend: BackendDep, settings: SettingsDep, model: str | None = None) -> JSONResponse:
     """Readiness: the model repository has `model` (or any model), the queue is reachable and
-    a worker serves it."""
+    a worker serves it (every worker serves every model)."""
     ok, reason = readiness(settings.model_dir, model)
     if ok:
-        ok, reason = backend.ready(model)
+        ok, reason = backend.ready()
     return JSONResponse({"ready": ok, "reason": reason}, status_code=200 if ok else 503)
 
 
