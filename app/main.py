@@ -28,12 +28,14 @@ def create_app(settings: Settings | None = None) -> FastAPI:
 
     app = FastAPI(title="splitz", version="0.1.0", lifespan=lifespan,
                   description="Certified l2 robustness with SPLITZ. Open when no API keys are "
-                              "configured; otherwise send X-API-Key.")
+                              "configured; otherwise send X-API-Key. Adding, replacing and "
+                              "deleting models needs an admin key.")
     app.state.settings, app.state.metrics = settings, metrics
     errors.install(app)
     for router in (certify.router, models.router, health.router):
         app.include_router(router)
-    app.add_middleware(BodySizeLimit, max_bytes=settings.max_body_bytes)
+    app.add_middleware(BodySizeLimit, max_bytes=settings.max_body_bytes,
+                       upload_max_bytes=settings.max_model_bytes)
     app.add_middleware(RequestMetrics, metrics=metrics)
     logging.getLogger("splitz.api").setLevel(logging.INFO)
     return app

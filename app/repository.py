@@ -11,10 +11,14 @@ class RepositoryUnavailable(Exception):
     """SPLITZ_MODEL_DIR is not a folder."""
 
 
-def cards(model_dir: Path) -> list[checkpoint.ModelCard]:
+def folder(model_dir: Path) -> Path:
     if not Path(model_dir).is_dir():
         raise RepositoryUnavailable("model repository unavailable")
-    return checkpoint.list_cards(model_dir)
+    return Path(model_dir)
+
+
+def cards(model_dir: Path) -> list[checkpoint.ModelCard]:
+    return checkpoint.list_cards(folder(model_dir))
 
 
 def readiness(model_dir: Path, model_id: str | None) -> tuple[bool, str]:

@@ -5,6 +5,7 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, Field, create_model, model_validator
 
+from splitz.checkpoint import ModelCard
 from splitz.smoothing import SEED_LIMIT, Certificate, RadiusAnswer
 
 
@@ -56,13 +57,32 @@ class JobsForm(BaseModel):
     zip: bytes | None = Field(None, description="a zip of PNG or JPEG files")
 
 
-def request_body(form: type[BaseModel], json: type[BaseModel]) -> dict[str, Any]:
-    """openapi_extra for a route that reads multipart or JSON itself (its limits need the raw
-    stream): the two bodies it accepts, from the same models the route validates with."""
-    return {"requestBody": {"required": True, "content": {
-        "multipart/form-data": {"schema": form.model_json_schema()},
-        "application/json": {"schema": json.model_json_schema()},
-    }}}
+def request_body(form: type[BaseModel], json: type[BaseModel] | None = None) -> dict[str, Any]:
+    """openapi_extra for a route that reads multipart (or JSON) itself (its limits need the raw
+    stream): the bodies it accepts."""
+    content = {"multipart/form-data": {"schema": form.model_json_schema()}}
+    if json is not None:
+        content["application/json"] = {"schema": json.model_json_schema()}
+    return {"requestBody": {"required": True, "content": content}}
+
+
+class ModelUpload(BaseModel):
+    """PUT /models/{model_id}: what `splitz import` takes, as multipart fields."""
+
+    weights: bytes = Field(description="the state dict: .safetensors, or a .pt / .pth file "
+                                       "(tensors only; a pickle that needs code is refused)")
+    card: bytes | None = Field(None, description="the card fields as a JSON object (a card.json "
+                                                 "file or a text field), as `splitz import "
+                                                 "--card`; `id` is the path's")
+
+
+class ModelUploaded(BaseModel):
+    id: str
+    sha256: str = Field(description="of the weights as stored: certificates name it")
+    replaced: bool = Field(description="an existing model of this id was replaced")
+    warnings: list[str] = Field(description="likely mistakes that could be meant (e.g. sigma in "
+                                            "normalized units)")
+    card: ModelCard
 
 
 class ErrorBody(BaseModel):
@@ -108,9 +128,13 @@ class Readiness(BaseModel):
 
 def errors(*statuses: int) -> dict[int | str, dict[str, Any]]:
     """The documented error answers of a route, all {"error": ...}."""
-    what = {401: "missing or invalid X-API-Key (when keys are configured)",
-            404: "unknown model or job", 409: "the job was canceled",
+    what = {400: "malformed multipart body",
+            401: "missing or invalid X-API-Key (when keys are configured)",
+            403: "not an admin key (model uploads are disabled when no admin key is configured)",
+            404: "unknown model or job",
+            409: "the job was canceled; or the model exists (PUT without overwrite=true)",
             413: "request body too large", 415: "send multipart/form-data or application/json",
             422: "invalid input", 429: "queue full: retry after Retry-After seconds",
-            500: "the job failed on the server", 503: "queue or model repository unavailable"}
+            500: "the job failed on the server, or the model repository cannot be read or written",
+            503: "queue or model repository unavailable"}
     return {s: {"model": ErrorBody, "description": what[s]} for s in statuses}

@@ -12,7 +12,9 @@ class Settings(BaseSettings):
     model_dir: Path = Path("models")
     redis_url: str | None = None  # unset: the embedded, in-process backend
     api_keys: list[str] = Field(default_factory=list)  # empty: the API is open
+    admin_keys: list[str] = Field(default_factory=list)  # may PUT / DELETE models; empty: nobody
     max_body_bytes: int = 20 * 2**20
+    max_model_bytes: int = 2**30  # one PUT /models request: the weights and the card
     max_image_bytes: int = 2 * 2**20  # one image file
     max_decoded_bytes: int = 32 * 2**20  # a request's image files after base64 / zip decoding
     max_n: int = 1_000_000

@@ -44,7 +44,7 @@ QueryDep = Annotated[QueryParams, Query()]
 @router.post("/certify", response_model=None,
              responses={200: {"model": Answer, "description": "the certificate"},
                         202: {"model": JobStatus, "description": "still running: poll status_url"},
-                        **errors(401, 404, 409, 413, 415, 422, 429, 500, 503)},
+                        **errors(400, 401, 404, 409, 413, 415, 422, 429, 500, 503)},
              openapi_extra=request_body(CertifyForm, CertifyJSON))
 async def certify(request: Request, query: QueryDep, backend: BackendDep,
                   settings: SettingsDep) -> JSONResponse:
@@ -69,7 +69,7 @@ async def certify(request: Request, query: QueryDep, backend: BackendDep,
 
 @router.post("/jobs", status_code=202, response_model=None,
              responses={202: {"model": JobStatus, "description": "queued: poll status_url"},
-                        **errors(401, 404, 413, 415, 422, 429, 503)},
+                        **errors(400, 401, 404, 413, 415, 422, 429, 503)},
              openapi_extra=request_body(JobsForm, JobsJSON))
 async def submit(request: Request, query: QueryDep, backend: BackendDep,
                  settings: SettingsDep) -> JSONResponse:

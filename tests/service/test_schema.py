@@ -18,8 +18,11 @@ from .conftest import make_repository
 
 KEY = "s3cret"
 REPOSITORY = make_repository(Path(tempfile.mkdtemp(prefix="splitz-schema-")))
+# "keys": the key is also an admin key, so generated uploads reach the checks past it; "open" has
+# no admin key, so uploads are refused there
 APPS = {name: create_app(Settings(model_dir=REPOSITORY, default_n=100, max_n=2000,
-                                  sync_wait_s=0.2, max_queue=1000, api_keys=keys))
+                                  sync_wait_s=0.2, max_queue=1000, api_keys=keys,
+                                  admin_keys=keys))
         for name, keys in (("open", []), ("keys", [KEY]))}
 schema = schemathesis.openapi.from_asgi("/openapi.json", APPS["open"])
 # What the API promises: no server error, and every status, content type, header and body as
