@@ -14,7 +14,7 @@ COPY splitz ./splitz
 COPY app ./app
 COPY worker ./worker
 RUN pip install --extra-index-url "https://download.pytorch.org/whl/${TORCH}" .
-COPY models ./models
+COPY --chown=splitz models ./models
 USER splitz
 EXPOSE 8000
 HEALTHCHECK --interval=30s --timeout=5s --start-period=30s \
