@@ -154,7 +154,9 @@ def save(model: SplitModel, card: ModelCard, directory: Path) -> Path:
 
 def write_card(card: ModelCard, directory: Path) -> None:
     text = json.dumps(card.model_dump(exclude_none=True), indent=2)
-    (Path(directory) / CARD).write_text(text + "\n")
+    tmp = Path(directory) / f".{CARD}.tmp"
+    tmp.write_text(text + "\n")
+    tmp.replace(Path(directory) / CARD)  # atomic: a reader never sees a half-written card
 
 
 def read_card(directory: Path) -> ModelCard:
