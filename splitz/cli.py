@@ -77,7 +77,7 @@ def _parser() -> argparse.ArgumentParser:
     ev.add_argument("--batch", type=_positive_int, help="default: the model card's")
     ev.add_argument("--precision", choices=tuple(PRECISIONS),
                     help="f2's precision (default: the model card's)")
-    ev.add_argument("--seed", type=int, default=0)
+    ev.add_argument("--seed", type=_seed, default=0, help="image i uses seed + i (0)")
     ev.add_argument("--device", default="cpu")
     ev.add_argument("--data-root", type=Path)
     ev.add_argument("--data", choices=sorted(data.SPECS.keys() | data.VARIANTS.keys()),

@@ -495,6 +495,7 @@ def _bound(name: str) -> str:
 # secure generator, so nobody could know the noise in advance or shop for it.
 SEED_SOURCES = ("client", "random")
 SEED_LIMIT = 2**62  # drawn seeds are below this; seed + i stays a valid torch seed
+SEED_RANGE = 2**64  # an image's seed: what torch's manual_seed and numpy's SeedSequence take
 
 
 def _source(seed: int | Sequence[int] | None) -> str:
@@ -507,10 +508,14 @@ def _seeds(count: int, seed: int | Sequence[int] | None) -> list[int]:
     if seed is None:
         seed = secrets.randbelow(SEED_LIMIT)
     if isinstance(seed, int):
-        return [seed + i for i in range(count)]
-    if len(seed) != count:
+        seeds = [seed + i for i in range(count)]
+    elif len(seed) != count:
         raise InputError(f"{len(seed)} seeds for {count} images")
-    return [int(s) for s in seed]
+    else:
+        seeds = [int(s) for s in seed]
+    if any(not 0 <= s < SEED_RANGE for s in seeds):  # numpy refuses a negative one (bound_u)
+        raise InputError(f"seeds must be in [0, 2^64), got {min(seeds)}..{max(seeds)}")
+    return seeds
 
 
 def _check_radius(radius: float) -> None:

@@ -126,6 +126,7 @@ def test_linear_toy_is_never_over_certified(seed, mode):
     ({"n": 0}, "positive"), ({"n0": 0}, "positive"), ({"alpha": 1.5}, "alpha"),
     ({"alpha": math.nan}, "alpha"), ({"radius": -1.0}, "radius"), ({"radius": math.inf}, "radius"),
     ({"bound": "wald"}, "bound"), ({"tolerance": 1.5}, "tolerance"),
+    ({"seed": -1}, "seeds"), ({"seed": [2**64]}, "seeds"),  # numpy's ValueError, torch's
 ])
 def test_bad_parameters_are_input_errors(kwargs, match):
     smooth = Smooth(create_model("lenet", "mnist", "conv1", 0.5))
