@@ -106,7 +106,8 @@ def read_state_dict(source: bytes, name: str = "weights") -> dict[str, Tensor]:
                 f"{name}: refused, reading it would run code"
                 f"{f' ({needs.group(1)})' if needs else ''}; only tensors are read: save "
                 "model.state_dict(), or safetensors") from None
-        except (RuntimeError, EOFError, ValueError, OSError) as e:
+        except Exception as e:  # a damaged file fails anywhere in the unpickler: IndexError,
+            # KeyError, struct.error, AssertionError, ... (all of them a 500 or a traceback)
             raise InvalidModelError(f"{name}: not a readable torch file ({_first_line(e)})") \
                 from None
     elif source[8:9] == b"{":  # safetensors: an 8-byte header length, then a JSON header

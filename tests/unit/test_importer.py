@@ -219,6 +219,9 @@ def test_a_pickle_that_would_run_code_is_refused_without_running_it(tmp_path):
 @pytest.mark.parametrize("data,message", [
     (b"garbage that is no tensor file", "neither safetensors nor a torch file"),
     (b"PK\x03\x04broken zip", "not a readable torch file"),
+    (b"\x80\x02.", "not a readable torch file"),  # damaged pickles: IndexError, ...
+    (b"\x80\x02J\x01", "not a readable torch file"),  # struct.error
+    (b"\x80\x02h\x05.", "not a readable torch file"),  # KeyError
     (b"\x10\x00\x00\x00\x00\x00\x00\x00{broken json", "not a readable safetensors file"),
     (pt({"weights": [1, 2, 3]}), "key 'weights' holds a list, not a tensor"),
     (pt({}), "holds nothing, not a state dict"),
