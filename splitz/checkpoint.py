@@ -37,7 +37,7 @@ from pydantic import (
 )
 from safetensors import SafetensorError
 from safetensors.torch import load as load_safetensors
-from safetensors.torch import save_file
+from safetensors.torch import save as save_safetensors
 
 from . import data
 from .errors import CheckpointError, UnknownModelError
@@ -147,7 +147,9 @@ def save(model: SplitModel, card: ModelCard, directory: Path) -> Path:
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
     state = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
-    save_file(state, directory / WEIGHTS)
+    # written by open() under the umask, as card.json is: safetensors' save_file makes the file
+    # 0600, which a service reading the repository as another user cannot open
+    (directory / WEIGHTS).write_bytes(save_safetensors(state))
     write_card(card, directory)
     return directory
 

@@ -33,6 +33,15 @@ def test_round_trip_gives_the_same_function(saved):
     assert (path / "model.safetensors").read_bytes()[:8] != b"PK\x03\x04"  # not a pickle zip
 
 
+def test_saved_files_are_readable_like_the_card(saved):
+    """safetensors' save_file wrote the weights 0600: a service user other than the writer
+    (splitz import, splitz train) could read the card and not the weights."""
+    _, path = saved
+    modes = {name: (path / name).stat().st_mode & 0o777 for name in ("model.safetensors",
+                                                                     "card.json")}
+    assert modes["model.safetensors"] == modes["card.json"]
+
+
 def test_missing_folder_card_and_weights(tmp_path, saved):
     _, path = saved
     with pytest.raises(UnknownModelError, match="not found"):
