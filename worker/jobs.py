@@ -59,43 +59,56 @@ class ModelReplaced(SplitzError):
 
 class ModelCache:
     """One version of each model per process, loaded when first needed and kept warm (one
-    Smooth per model id); a new version replaces the one held when a job asks for it."""
+    Smooth per model id); a new version replaces the one held when a job asks for it. A version
+    is the weights' sha256 (what jobs name) together with the card's classifier fields: a card
+    edited over the same weights (a corrected sigma, a new precision) is loaded afresh."""
 
     def __init__(self, model_dir: Path, batch_size: int | None = None, device: str = "cpu"):
         self.model_dir, self.batch_size, self.device = Path(model_dir), batch_size, device
-        self._models: dict[str, Smooth] = {}
+        self._models: dict[str, tuple[dict, Smooth]] = {}  # id -> (classifier fields, Smooth)
         self._lock = threading.Lock()
 
     def get(self, model_id: str, sha256: str | None = None) -> Smooth:
-        """The model at version `sha256` (None: the repository's, or the one held). A deleted
-        model is refused even when held; a version other than the one held is loaded only if
-        the repository has it (checked first from the file's cached hash: a stale job costs no
-        load)."""
+        """The model at version `sha256` (None: the repository's). A deleted model is refused
+        even when held. The one held serves a job of its weights while the repository has them
+        with the same card, or has other weights since (the job was submitted before the
+        replacement); otherwise the repository's is loaded if it has the job's weights
+        (checked first from the file's cached hash: a stale job costs no load)."""
         with self._lock:
             try:
                 path = checkpoint.resolve(self.model_dir, model_id)
+                card, current = checkpoint.version(path)
             except UnknownModelError:
                 self._models.pop(model_id, None)
                 if sha256 is None:
                     raise
                 raise UnknownModelError(f"model {model_id!r} was deleted after this job was "
                                         "submitted") from None
+            wanted = sha256 or current
             held = self._models.get(model_id)
-            if held is not None and sha256 in (None, held.model_sha256):
-                return held
-            if sha256 is not None and (current := checkpoint.version(path)[1]) != sha256:
-                raise _replaced(model_id, sha256, current)
+            if held is not None and held[1].model_sha256 == wanted and (
+                    wanted != current or held[0] == classifier_fields(card)):
+                return held[1]
+            if wanted != current:
+                raise _replaced(model_id, wanted, current)
             loaded = checkpoint.load(path)
-            if sha256 is not None and loaded.sha256 != sha256:  # replaced again meanwhile
-                raise _replaced(model_id, sha256, loaded.sha256)
-            self._models[model_id] = Smooth.from_checkpoint(loaded, self.batch_size, self.device)
-            return self._models[model_id]
+            if loaded.sha256 != wanted:  # replaced again meanwhile
+                raise _replaced(model_id, wanted, loaded.sha256)
+            smooth = Smooth.from_checkpoint(loaded, self.batch_size, self.device)
+            self._models[model_id] = (classifier_fields(loaded.card), smooth)
+            return smooth
 
     def warm(self, model_ids: list[str] | None = None) -> list[str]:
         ids = model_ids or [c.id for c in checkpoint.list_cards(self.model_dir)]
         for model_id in ids:
             self.get(model_id)
         return ids
+
+
+def classifier_fields(card: checkpoint.ModelCard) -> dict:
+    """The card's fields that make the smoothed classifier and how it is sampled (all but the
+    documentation: evaluate --record rewrites the metrics without making a new version)."""
+    return card.model_dump(exclude={"metrics", "training", "description"})
 
 
 def _replaced(model_id: str, wanted: str, found: str) -> ModelReplaced:

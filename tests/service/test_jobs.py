@@ -24,3 +24,22 @@ def test_a_job_never_runs_on_another_version(tmp_path):
     checkpoint.remove(repository, TINY)
     assert run_job(job, holder) == {
         "error": f"model '{TINY}' was deleted after this job was submitted"}
+
+
+def test_a_card_edited_over_the_same_weights_is_loaded_afresh(tmp_path):
+    """Re-uploading the same weights with a corrected sigma (the importer's warning about
+    normalized units invites it) keeps their sha256: the held model kept certifying with the
+    old sigma while GET /models showed the new one. Metrics alone are no new version."""
+    repository = make_repository(tmp_path)
+    version = sha256(repository, TINY)
+    job = JobSpec(model_id=TINY, model_sha256=version, images=[b64(png_bytes())], n=100)
+    holder = ModelCache(repository)
+    held = holder.get(TINY, version)
+    card = checkpoint.read_card(repository / TINY)
+    card.metrics["note"] = "measured"
+    checkpoint.write_card(card, repository / TINY)
+    assert holder.get(TINY, version) is held
+    card.sigma = 0.25
+    checkpoint.write_card(card, repository / TINY)
+    assert sha256(repository, TINY) == version
+    assert run_job(job, holder)["results"][0]["sigma"] == 0.25
