@@ -195,8 +195,11 @@ class SplitzWorker(SimpleWorker):
                 continue
             if not self.claim(keys=[queue.key, queue.intermediate_queue_key], args=[peer.id]):
                 continue  # another worker took it
-            self.held[peer.id] = (peer, self.prepare_execution(peer))
+            execution = self.prepare_execution(peer)
             self.prepare_job_execution(peer, remove_from_intermediate_queue=True)
+            # held (heartbeated, checked by _beat) only once started under this worker: a beat
+            # in between found it not ours yet and dropped it as lost
+            self.held[peer.id] = (peer, execution)
             claimed.append(self.held[peer.id])
             specs.append(other)
             images += len(other.images)

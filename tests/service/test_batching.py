@@ -4,11 +4,17 @@ they would get alone."""
 import time
 
 import pytest
+import redis
+from rq import Queue
+from rq.job import Job
+from rq.serializers import JSONSerializer
 
 from splitz import checkpoint
 from splitz.images import load_image
 from splitz.smoothing import Smooth
+from worker import main as worker_main
 from worker.jobs import JobSpec, ModelCache, run_batch, run_job
+from worker.main import QUEUE, SplitzWorker, certify_job
 
 from .conftest import TINY, TINY_RS, b64, files, png_bytes, sha256
 
@@ -72,3 +78,39 @@ def test_a_batch_claims_its_jobs_so_they_show_started_and_run_once(make_stack):
             break
         time.sleep(0.05)
     assert most_started == 6  # all six claimed together, none left queued while certified
+
+
+@pytest.mark.slow
+def test_a_claimed_job_is_checked_for_its_lease_only_once_it_is_started(
+        redis_server, repository, monkeypatch):
+    """The heartbeat thread's ownership check, run while a peer was claimed but not yet started
+    under the worker, marked it lost: its batched result was dropped and the job left for RQ to
+    retry (or to fail, with no retries left). Here the check runs at exactly that moment."""
+    conn = redis.Redis.from_url(redis_server.url)
+    conn.flushall()
+    queue = Queue(QUEUE, connection=conn, serializer=JSONSerializer)
+    version = sha256(repository, TINY)
+    ids = [queue.enqueue(certify_job, JobSpec(
+        model_id=TINY, model_sha256=version, n=200, seed=i,
+        images=[b64(png_bytes(i))]).model_dump()).id for i in range(3)]
+    monkeypatch.setattr(worker_main, "_models", ModelCache(repository))
+    batch_around, prepare = SplitzWorker._batch_around, SplitzWorker.prepare_job_execution
+
+    def beating(self, job, queue):  # the heartbeat thread runs from here on
+        self.beating = True
+        return batch_around(self, job, queue)
+
+    def beat_then_prepare(self, job, *args, **kwargs):
+        if getattr(self, "beating", False):
+            for held, execution in list(self.held.values()):
+                if not self._owns(held, execution):
+                    worker_main._lost.add(held.id)
+        return prepare(self, job, *args, **kwargs)
+
+    monkeypatch.setattr(SplitzWorker, "_batch_around", beating)
+    monkeypatch.setattr(SplitzWorker, "prepare_job_execution", beat_then_prepare)
+    SplitzWorker([queue], connection=conn, serializer=JSONSerializer).work(burst=True)
+    for job_id in ids:
+        job = Job.fetch(job_id, connection=conn, serializer=JSONSerializer)
+        assert job.get_status() == "finished"
+        assert job.return_value()["batched"] == 3
