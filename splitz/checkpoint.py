@@ -193,9 +193,10 @@ def load(directory: Path, device: str = "cpu") -> LoadedModel:
     weights = directory / WEIGHTS
     try:
         model = create_model(card.arch, card.spec(), card.split, card.sigma, **card.arch_kwargs)
-    except (ValueError, TypeError) as e:
-        raise CheckpointError(f"model card {directory / CARD} describes no valid model: {e}") \
-            from None
+    except (ValueError, TypeError, RuntimeError) as e:
+        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise CheckpointError(f"model card {directory / CARD} describes no valid model: "
+                              f"{first}") from None
     try:
         state = load_safetensors(blob)
     except (SafetensorError, ValueError) as e:

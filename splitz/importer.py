@@ -142,6 +142,9 @@ def build(state: dict[str, Tensor], card: checkpoint.ModelCard,
         raise InvalidModelError(f"card: {e}") from None
     except TypeError as e:
         raise InvalidModelError(f"card field arch_kwargs: {e}") from None
+    except RuntimeError as e:  # torch, building layers: an input too small, a width of -3
+        raise InvalidModelError(f"card: {card.arch} cannot be built with these fields "
+                                f"({_first_line(e)})") from None
     target: nn.Module = model.f2[1] if is_network(card.arch) else model
     state = _strip(state, strip_prefix)
     _check_names(state, target.state_dict(), card.arch)

@@ -73,6 +73,9 @@ def test_card_that_does_not_match_the_weights(saved):
     checkpoint.write_card(card(arch="nonexistent"), path)
     with pytest.raises(CheckpointError, match="no valid model"):
         checkpoint.load(path)
+    checkpoint.write_card(card(arch_kwargs={"width": -3}), path)  # torch's RuntimeError
+    with pytest.raises(CheckpointError, match="no valid model: Trying to create tensor"):
+        checkpoint.load(path)
 
 
 @pytest.mark.parametrize("text", ["{not json", json.dumps({"id": "x"}),

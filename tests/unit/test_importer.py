@@ -164,6 +164,11 @@ BAD_CARDS = [
     ({"stdev": [0.2] * 3}, "card field stdev: Extra inputs are not permitted"),
     ({"pixel_range": [-1, 1]}, "mean 0.5, std 0.5"),
     ({"preprocess": {"resize": 40}}, "preprocess (resize 40) must end at the input size 32x32"),
+    # torch's RuntimeError while building the layers (was a 500 / a traceback)
+    ({"arch": "lenet_small", "split": "conv1", "input_shape": [3, 4, 4]},
+     "card: lenet_small cannot be built with these fields (Calculated padded input size"),
+    ({"arch": "lenet", "arch_kwargs": {"width": -3}},
+     "card: lenet cannot be built with these fields (Trying to create tensor with negative"),
 ]
 
 
