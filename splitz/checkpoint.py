@@ -40,7 +40,7 @@ from safetensors.torch import load as load_safetensors
 from safetensors.torch import save as save_safetensors
 
 from . import data
-from .errors import CheckpointError, UnknownModelError
+from .errors import CheckpointError, UnknownModelError, first_line
 from .images import Preprocess
 from .nets import SplitModel, create_model, normalization_mismatch
 
@@ -194,9 +194,8 @@ def load(directory: Path, device: str = "cpu") -> LoadedModel:
     try:
         model = create_model(card.arch, card.spec(), card.split, card.sigma, **card.arch_kwargs)
     except (ValueError, TypeError, RuntimeError) as e:
-        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
         raise CheckpointError(f"model card {directory / CARD} describes no valid model: "
-                              f"{first}") from None
+                              f"{first_line(e)}") from None
     try:
         state = load_safetensors(blob)
     except (SafetensorError, ValueError) as e:

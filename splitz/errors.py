@@ -23,3 +23,9 @@ class InvalidModelError(InputError):
 
 class ModelExistsError(InvalidModelError):
     """A model of that id exists and was not to be replaced."""
+
+
+def first_line(e: BaseException) -> str:
+    """A library exception's first line, for a one-line message (its name if it has none)."""
+    text = str(e).strip()
+    return text.splitlines()[0] if text else type(e).__name__

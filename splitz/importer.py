@@ -31,7 +31,7 @@ from safetensors.torch import load as load_safetensors
 from torch import Tensor, nn
 
 from . import checkpoint, data
-from .errors import CheckpointError, InvalidModelError, ModelExistsError
+from .errors import CheckpointError, InvalidModelError, ModelExistsError, first_line
 from .nets import SplitModel, create_model, is_network, normalization_mismatch
 
 DEFAULTS = {"split": "input", "dataset": "custom"}  # plain randomized smoothing, own input fields
@@ -108,7 +108,7 @@ def read_state_dict(source: bytes, name: str = "weights") -> dict[str, Tensor]:
                 "model.state_dict(), or safetensors") from None
         except Exception as e:  # a damaged file fails anywhere in the unpickler: IndexError,
             # KeyError, struct.error, AssertionError, ... (all of them a 500 or a traceback)
-            raise InvalidModelError(f"{name}: not a readable torch file ({_first_line(e)})") \
+            raise InvalidModelError(f"{name}: not a readable torch file ({first_line(e)})") \
                 from None
     elif source[8:9] == b"{":  # safetensors: an 8-byte header length, then a JSON header
         try:
@@ -144,7 +144,7 @@ def build(state: dict[str, Tensor], card: checkpoint.ModelCard,
         raise InvalidModelError(f"card field arch_kwargs: {e}") from None
     except RuntimeError as e:  # torch, building layers: an input too small, a width of -3
         raise InvalidModelError(f"card: {card.arch} cannot be built with these fields "
-                                f"({_first_line(e)})") from None
+                                f"({first_line(e)})") from None
     target: nn.Module = model.f2[1] if is_network(card.arch) else model
     state = _strip(state, strip_prefix)
     _check_names(state, target.state_dict(), card.arch)
@@ -254,7 +254,7 @@ def _check_forward(model: SplitModel, card: checkpoint.ModelCard) -> None:
     except RuntimeError as e:
         raise InvalidModelError(f"a forward pass of {card.arch} on a random "
                                 f"{'x'.join(map(str, shape))} input fails (card field "
-                                f"input_shape?): {_first_line(e)}") from None
+                                f"input_shape?): {first_line(e)}") from None
     if tuple(logits.shape) != (2, model.num_classes):
         raise InvalidModelError(f"{card.arch} gives outputs of shape {tuple(logits.shape[1:])} "
                                 f"for one image, the card declares {model.num_classes} classes")
@@ -286,7 +286,3 @@ def _warnings(card: checkpoint.ModelCard) -> list[str]:
 def _some(keys: list[str]) -> str:
     shown = ", ".join(keys[:NAMES_SHOWN])
     return shown + (", ..." if len(keys) > NAMES_SHOWN else "")
-
-
-def _first_line(e: BaseException) -> str:
-    return str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
