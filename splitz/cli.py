@@ -131,6 +131,7 @@ def _parser() -> argparse.ArgumentParser:
                       ("split", str), ("sigma", float), ("epochs", int), ("batch-size", int),
                       ("lr", float), ("train-limit", int), ("seed", int), ("data-root", Path)):
         t.add_argument(f"--{name}", type=typ)
+    t.add_argument("--device", default="cpu", help="cpu, cuda, cuda:1 ... (resumes on any)")
     t.set_defaults(run=_train)
     return p
 
@@ -418,7 +419,7 @@ def _train(args) -> int:
         if getattr(args, key) is not None:
             fields[key] = getattr(args, key)
     fields.setdefault("out", Path("runs") / fields.get("id", "model"))
-    path = train(TrainConfig.model_validate(fields))
+    path = train(TrainConfig.model_validate(fields), device=args.device)
     print(f"wrote {path}")
     return 0
 

@@ -10,6 +10,7 @@ certificates use the sound bounds of lipschitz.py.
 """
 
 import json
+import os
 import shlex
 import sys
 import time
@@ -70,10 +71,12 @@ class TrainConfig(BaseModel):
         return self
 
 
-def train(cfg: TrainConfig, command: str | None = None) -> Path:
-    """Train, checkpointing every epoch (resumable after a kill), then write weights and card."""
+def train(cfg: TrainConfig, command: str | None = None, device: str = "cpu") -> Path:
+    """Train, checkpointing every epoch (resumable after a kill, on any device), then write
+    weights and card."""
     torch.manual_seed(cfg.seed)
     model = create_model(cfg.arch, cfg.dataset, cfg.split, cfg.sigma, **cfg.arch_kwargs)
+    model.to(device)
     opt = torch.optim.SGD(model.parameters(), lr=cfg.lr, momentum=cfg.momentum,
                           weight_decay=cfg.weight_decay, nesterov=cfg.nesterov)
     sched = _scheduler(cfg, opt, len(_loader(cfg, train=True)))
@@ -91,7 +94,7 @@ def train(cfg: TrainConfig, command: str | None = None) -> Path:
         training={"command": command or shlex.join(["splitz", *sys.argv[1:]]),
                   "config": json.loads(cfg.model_dump_json(exclude={"out", "data_root"})),
                   "train_seconds": round(elapsed, 1),
-                  "hardware": f"{torch.get_num_threads()} CPU threads, torch {torch.__version__}"},
+                  "hardware": _hardware(torch.device(device))},
         metrics={"clean_accuracy_noisy": acc},
     )
     return checkpoint.save(model, card, cfg.out)
@@ -174,6 +177,7 @@ def clean_accuracy(model: SplitModel, cfg: TrainConfig, noise: bool = True) -> f
     correct = total = 0
     with torch.inference_mode():
         for x, y in _loader(cfg, train=False):
+            x, y = x.to(_device(model)), y.to(_device(model))
             correct += int((model(x, noise=noise).argmax(1) == y).sum())
             total += len(y)
     return round(correct / total, 4)
@@ -189,6 +193,7 @@ def _epoch(cfg: TrainConfig, model: SplitModel, opt, sched, epoch: int) -> dict[
     loader = _loader(cfg, train=True)
     bar = tqdm(loader, desc=f"epoch {epoch + 1}", unit="batch", leave=False)
     for x, y in bar:
+        x, y = x.to(_device(model)), y.to(_device(model))
         logits = noisy_logits(model, x, cfg.noise_copies)
         y_all = y.repeat(cfg.noise_copies)
         ce = F.cross_entropy(logits.detach(), y_all)
@@ -216,6 +221,21 @@ def _epoch(cfg: TrainConfig, model: SplitModel, opt, sched, epoch: int) -> dict[
     return stats | {"kappa": round(kappa, 3), "gamma": round(gamma, 4)}
 
 
+def _device(model: SplitModel) -> torch.device:
+    return next(model.parameters()).device
+
+
+def _hardware(device: torch.device) -> str:
+    """What trained the model, for its card: the GPU's name, or the CPU's and the threads."""
+    if device.type == "cuda":
+        return f"{torch.cuda.get_device_name(device)}, torch {torch.__version__}"
+    info = Path("/proc/cpuinfo")
+    lines = info.read_text().splitlines() if info.exists() else []
+    cpu = next((x.split(":", 1)[1].strip() for x in lines if x.startswith("model name")), "CPU")
+    return (f"{torch.get_num_threads()} thread(s) of {cpu} ({os.cpu_count()} cores), "
+            f"torch {torch.__version__}")
+
+
 def _loader(cfg: TrainConfig, train: bool) -> DataLoader:
     ds = data.load(cfg.dataset, train=train, root=cfg.data_root, augment=train)
     if train and cfg.train_limit:
@@ -238,7 +258,7 @@ def _resume(cfg, model, opt, sched) -> tuple[int, float]:
     path = cfg.out / STATE
     if not path.exists():
         return 0, 0.0
-    state = torch.load(path, weights_only=True)
+    state = torch.load(path, weights_only=True, map_location=_device(model))
     if TrainConfig.model_validate_json(state["config"]).model_dump() != cfg.model_dump():
         raise ValueError(f"{path} was written with another config; use a new --out")
     model.load_state_dict(state["model"])

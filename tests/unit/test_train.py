@@ -19,6 +19,7 @@ def test_training_writes_a_loadable_model_with_card(tmp_path, fake_mnist):
     assert loaded.card.training["command"] == "splitz train --test"
     assert 0.0 <= loaded.card.metrics["clean_accuracy_noisy"] <= 1.0
     assert loaded.card.training["config"]["epochs"] == 2
+    assert "thread(s) of" in loaded.card.training["hardware"]  # the CPU that trained it
 
 
 @pytest.mark.slow
