@@ -37,7 +37,7 @@ from pydantic import (
 )
 from safetensors import SafetensorError
 from safetensors.torch import load as load_safetensors
-from safetensors.torch import save as save_safetensors
+from safetensors.torch import save_file
 
 from . import data
 from .errors import CheckpointError, UnknownModelError, first_line
@@ -147,10 +147,11 @@ def save(model: SplitModel, card: ModelCard, directory: Path) -> Path:
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
     state = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
-    # written by open() under the umask, as card.json is: safetensors' save_file makes the file
-    # 0600, which a service reading the repository as another user cannot open
-    (directory / WEIGHTS).write_bytes(save_safetensors(state))
+    save_file(state, directory / WEIGHTS)  # streamed to disk: no copy of the weights in memory
     write_card(card, directory)
+    # save_file makes the weights 0600, which a service reading the repository as another user
+    # cannot open: they get card.json's mode, which open() gave under the umask
+    (directory / WEIGHTS).chmod((directory / CARD).stat().st_mode & 0o777)
     return directory
 
 
