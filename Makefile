@@ -2,7 +2,7 @@
 VENV ?= .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed-$(shell cat pyproject.toml | md5sum | cut -c1-8)
-MODEL ?= models/mnist-splitz-quick
+MODEL ?= models/mnist-input-consistency-s1.0
 IMAGE ?= examples/mnist-7-0000.png
 
 .PHONY: install certify test test-fast lint

@@ -1,6 +1,6 @@
 """splitz: certified l2 robustness with SPLITZ (split Lipschitz randomized smoothing).
 
-    model = splitz.load_model("models/mnist-splitz-quick")
+    model = splitz.load_model("models/mnist-input-consistency-s1.0")
     certs = splitz.Smooth.from_checkpoint(model).certify(images, n=100_000, alpha=0.001)
 """
 
