@@ -19,14 +19,14 @@ def results():
 
 
 def _run(results, tmp_path: Path, name: str, radii: list[float], splitz: bool,
-         every: int = 10, n: int = 100_000):
+         every: int = 10, n: int = 100_000, recipe: str = "gaussian"):
     tsv = tmp_path / f"{name}.tsv"
     rows = ["idx\tlabel\tpredict\tradius\tcorrect\ttime\tL\tpA_lower"]
     rows += [f"{i}\t0\t0\t{r}\t{int(r > 0)}\t1.0\t1.0\t0.9" for i, r in enumerate(radii)]
     tsv.write_text("\n".join(rows) + "\n")
     meta = {"every": every, "images": len(radii), "n": n, "data": "mnist", "n0": 100,
             "alpha": 0.001, "command": "splitz evaluate"}
-    return results.Run(name, meta, tsv, splitz)
+    return results.Run(name, meta, tsv, splitz, recipe)
 
 
 def test_difference_uses_the_best_run_of_each_side_per_protocol(results, tmp_path):
@@ -42,8 +42,8 @@ def test_difference_uses_the_best_run_of_each_side_per_protocol(results, tmp_pat
     splitz, base = best[protocol]["SPLITZ"], best[protocol]["baseline"]
     assert splitz[0.25] == 1.0 and splitz[1.5] == 0.5  # splitz-b at 0.25, splitz-a at 1.5
     assert base[0.25] == 1.0 and base[1.5] == 0.0
-    rows = results.versus(group, summaries)[4:-1]  # only the protocol both sides share
-    assert len(rows) == 1 and rows[0].startswith(f"| {protocol} | +0.0 | +0.0 |")
+    rows = results.versus(results.same_recipe(group, summaries))[4:-1]  # the shared protocol
+    assert len(rows) == 1 and rows[0].startswith(f"| {protocol}, gaussian | +0.0 | +0.0 |")
     assert "| +50.0 |" in rows[0]
 
 
@@ -60,3 +60,18 @@ def test_published_rows_sit_beside_the_measured_ones(results, tmp_path):
             "50.0 | 50.0 | 50.0 | 50.0 | 0.0 | 0.0 |") in table
     assert "| baseline, here: mnist, 2 images (every 10), n = 100,000 | 100.0 |" in table
     assert "cifar10" not in table.split("### cifar10")[1]  # no CIFAR-10 run: published rows only
+
+
+def test_splitz_meets_only_the_baseline_trained_with_its_recipe(results, tmp_path):
+    group = [_run(results, tmp_path, "splitz", [2.0, 0.0], True, recipe="consistency"),
+             _run(results, tmp_path, "cohen-gauss", [3.0, 3.0], False),
+             _run(results, tmp_path, "cohen-cons", [1.0, 0.0], False, recipe="consistency")]
+    summaries = {r.name: evaluate.summarize(evaluate.read_tsv(r.tsv)) for r in group}
+    pairs = results.same_recipe(group, summaries)
+    label = "mnist, 2 images (every 10), n = 100,000, consistency"
+    assert list(pairs) == [label]  # no gaussian SPLITZ run: the gaussian baseline meets nobody
+    words = "\n".join(results.verdict(pairs))
+    # both 50 % up to radius 1.0 (certified at ε <= radius), SPLITZ alone to 2.0, nobody beyond
+    assert (f"- {label}: SPLITZ wins at ε = 1.25, 1.5, 1.75, 2; "
+            "ties at ε = 0, 0.25, 0.5, 0.75, 1.") in words
+    assert "loses" not in words
