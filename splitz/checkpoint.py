@@ -245,6 +245,8 @@ def _moved(folder: int, directory: Path) -> bool:
 
 
 _DIGESTS: dict[tuple[int, ...], str] = {}  # weights files hashed, by identity on disk
+# The card's documentation: evaluate --record rewrites the metrics without making a new version.
+NOT_VERSIONED = frozenset({"metrics", "training", "description"})
 
 
 def version(directory: Path) -> tuple[ModelCard, str]:
@@ -261,6 +263,15 @@ def version(directory: Path) -> tuple[ModelCard, str]:
                 _DIGESTS.clear()
             _DIGESTS[key] = hashlib.file_digest(file, "sha256").hexdigest()
     return card, _DIGESTS[key]
+
+
+def card_digest(card: ModelCard) -> str:
+    """The sha256 of the card's fields that make the smoothed classifier and how it is sampled
+    (all but NOT_VERSIONED), canonical JSON: with the weights' sha256, a model's version. A card
+    replaced over the same weights (a corrected sigma) is a new version."""
+    fields = card.model_dump(mode="json", exclude=NOT_VERSIONED)
+    text = json.dumps(fields, sort_keys=True, separators=(",", ":"))
+    return hashlib.sha256(text.encode()).hexdigest()
 
 
 def publish(folder: Path, target: Path, replace: bool = False) -> bool:

@@ -3,9 +3,10 @@ embedded backend. A job certifies its images one by one (image i with seed + i, 
 the engine's `Smooth.certify(images, seed=seed)`; no seed: each image's is drawn securely),
 reporting progress, and honouring cancellation before each chunk of samples.
 
-A job names the model version it was submitted for (the weights' sha256, as the API found it) and
-runs on exactly that version: the one the process holds, or the repository's current one; if the
-model was replaced or deleted since, the job fails saying so."""
+A job names the model version it was submitted for (the weights' sha256 and the card's digest, as
+the API found them) and runs on exactly that version: the one the process holds, or the
+repository's current one; if the model was replaced (weights or card) or deleted since, the job
+fails saying so."""
 
 import base64
 import binascii
@@ -22,10 +23,14 @@ from splitz.errors import InputError, SplitzError, UnknownModelError
 from splitz.images import load_image
 from splitz.smoothing import Smooth
 
+Version = tuple[str, str]  # (weights sha256, card digest): see checkpoint.card_digest
+
 
 class JobSpec(BaseModel):
     model_id: str
-    model_sha256: str = Field(pattern=r"^[0-9a-f]{64}$")  # the version it was submitted for
+    # the version it was submitted for: the weights' sha256 and checkpoint.card_digest
+    model_sha256: str = Field(pattern=r"^[0-9a-f]{64}$")
+    card_sha256: str = Field(pattern=r"^[0-9a-f]{64}$")
     images: list[str] = Field(min_length=1)  # base64 PNG / JPEG bytes
     names: list[str] = Field(default_factory=list)
     n: int = Field(100_000, ge=1)
@@ -40,6 +45,10 @@ class JobSpec(BaseModel):
         if self.names and len(self.names) != len(self.images):
             raise ValueError(f"{len(self.names)} names for {len(self.images)} images")
         return self
+
+    @property
+    def version(self) -> Version:
+        return self.model_sha256, self.card_sha256
 
     @property
     def is_query(self) -> bool:
@@ -60,42 +69,43 @@ class ModelReplaced(SplitzError):
 class ModelCache:
     """One version of each model per process, loaded when first needed and kept warm (one
     Smooth per model id); a new version replaces the one held when a job asks for it. A version
-    is the weights' sha256 (what jobs name) together with the card's classifier fields: a card
-    edited over the same weights (a corrected sigma, a new precision) is loaded afresh."""
+    is the weights' sha256 with the card's digest: a card edited over the same weights (a
+    corrected sigma, a new precision) is a new version."""
 
     def __init__(self, model_dir: Path, batch_size: int | None = None, device: str = "cpu"):
         self.model_dir, self.batch_size, self.device = Path(model_dir), batch_size, device
-        self._models: dict[str, tuple[dict, Smooth]] = {}  # id -> (classifier fields, Smooth)
+        self._models: dict[str, tuple[Version, Smooth]] = {}  # id -> (version, Smooth)
         self._lock = threading.Lock()
 
-    def get(self, model_id: str, sha256: str | None = None) -> Smooth:
-        """The model at version `sha256` (None: the repository's). A deleted model is refused
-        even when held. The one held serves a job of its weights while the repository has them
-        with the same card, or has other weights since (the job was submitted before the
-        replacement); otherwise the repository's is loaded if it has the job's weights
-        (checked first from the file's cached hash: a stale job costs no load)."""
+    def get(self, model_id: str, version: Version | None = None) -> Smooth:
+        """The model at `version` (None: the repository's). A deleted model is refused even when
+        held. The one held serves a job of its version, whatever the repository holds now (the
+        job was submitted before a replacement); otherwise the repository's is loaded if it is
+        the job's version (checked first from the card and the file's cached hash: a stale job
+        costs no load)."""
         with self._lock:
             try:
                 path = checkpoint.resolve(self.model_dir, model_id)
-                card, current = checkpoint.version(path)
+                card, weights = checkpoint.version(path)
             except UnknownModelError:
                 self._models.pop(model_id, None)
-                if sha256 is None:
+                if version is None:
                     raise
                 raise UnknownModelError(f"model {model_id!r} was deleted after this job was "
                                         "submitted") from None
-            wanted = sha256 or current
+            current = (weights, checkpoint.card_digest(card))
+            wanted = version or current
             held = self._models.get(model_id)
-            if held is not None and held[1].model_sha256 == wanted and (
-                    wanted != current or held[0] == classifier_fields(card)):
+            if held is not None and held[0] == wanted:
                 return held[1]
             if wanted != current:
                 raise _replaced(model_id, wanted, current)
             loaded = checkpoint.load(path)
-            if loaded.sha256 != wanted:  # replaced again meanwhile
-                raise _replaced(model_id, wanted, loaded.sha256)
+            found = (loaded.sha256, checkpoint.card_digest(loaded.card))
+            if found != wanted:  # replaced again meanwhile
+                raise _replaced(model_id, wanted, found)
             smooth = Smooth.from_checkpoint(loaded, self.batch_size, self.device)
-            self._models[model_id] = (classifier_fields(loaded.card), smooth)
+            self._models[model_id] = (wanted, smooth)
             return smooth
 
     def warm(self, model_ids: list[str] | None = None) -> list[str]:
@@ -105,16 +115,12 @@ class ModelCache:
         return ids
 
 
-def classifier_fields(card: checkpoint.ModelCard) -> dict:
-    """The card's fields that make the smoothed classifier and how it is sampled (all but the
-    documentation: evaluate --record rewrites the metrics without making a new version)."""
-    return card.model_dump(exclude={"metrics", "training", "description"})
-
-
-def _replaced(model_id: str, wanted: str, found: str) -> ModelReplaced:
-    return ModelReplaced(f"model {model_id!r} was replaced after this job was submitted: the job "
-                         f"is for weights sha256 {wanted}, the repository now holds {found}; "
-                         "submit it again")
+def _replaced(model_id: str, wanted: Version, found: Version) -> ModelReplaced:
+    what = "its card" if wanted[0] == found[0] else "its weights"
+    return ModelReplaced(f"model {model_id!r} was replaced after this job was submitted ({what} "
+                         f"changed): the job is for weights sha256 {wanted[0]} with card "
+                         f"{wanted[1][:16]}, the repository now holds {found[0]} with card "
+                         f"{found[1][:16]}; submit it again")
 
 
 def decode_base64(text: str, name: str) -> bytes:
@@ -127,7 +133,7 @@ def decode_base64(text: str, name: str) -> bytes:
 def run_certify(spec: JobSpec, models: ModelCache,
                 progress: Callable[[int, int], None] = lambda done, total: None,
                 canceled: Callable[[], bool] = lambda: False) -> dict:
-    smooth = models.get(spec.model_id, spec.model_sha256)
+    smooth = models.get(spec.model_id, spec.version)
     images = _decode(spec, smooth)
     start, results = time.perf_counter(), []
     progress(0, len(images))
@@ -157,7 +163,7 @@ def batch_key(spec: JobSpec) -> tuple | None:
     jobs that are not batched (radius queries, jobs over SMALL_JOB_IMAGES)."""
     if spec.is_query or len(spec.images) > SMALL_JOB_IMAGES:
         return None
-    return (spec.model_id, spec.model_sha256, spec.n, spec.n0, spec.alpha, spec.radius,
+    return (spec.model_id, spec.version, spec.n, spec.n0, spec.alpha, spec.radius,
             spec.seed is None)
 
 
@@ -167,7 +173,7 @@ def run_batch(specs: list[JobSpec], models: ModelCache) -> list[dict]:
     the engine draws image i's noise from its own seed, whatever shares the pass."""
     first = specs[0]
     try:
-        smooth = models.get(first.model_id, first.model_sha256)
+        smooth = models.get(first.model_id, first.version)
     except SplitzError as e:  # the model is gone or replaced: every job says so
         return [{"error": str(e)} for _ in specs]
     start, decoded = time.perf_counter(), []

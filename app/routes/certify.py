@@ -16,7 +16,7 @@ from starlette.datastructures import UploadFile
 from splitz import checkpoint
 from splitz.errors import InputError
 from splitz.images import canonical_png
-from worker.jobs import JobSpec, decode_base64
+from worker.jobs import JobSpec, Version, decode_base64
 
 from ..backends import TERMINAL, BackendUnavailable, JobView
 from ..deps import BackendDep, SettingsDep
@@ -124,7 +124,7 @@ async def _read(request: Request, query: QueryParams, settings: Settings,
                    async for nm, raw in data(budget, name)]
     if not images:
         raise InputError("no image in the request")
-    return params, _spec(params, sha256, images, settings)
+    return params, _spec(params, (sha256, checkpoint.card_digest(card)), images, settings)
 
 
 class Budget:
@@ -220,9 +220,9 @@ def _check(params: Params, settings: Settings) -> None:
             raise InputError(f"n={n} is over this server's cap of {settings.max_n}")
 
 
-def _spec(params: Params, sha256: str, images: list[tuple[str, bytes]],
+def _spec(params: Params, version: Version, images: list[tuple[str, bytes]],
           settings: Settings) -> JobSpec:
-    return JobSpec(model_id=params.model, model_sha256=sha256,
+    return JobSpec(model_id=params.model, model_sha256=version[0], card_sha256=version[1],
                    images=[base64.b64encode(d).decode() for _, d in images],
                    names=[nm for nm, _ in images], n=params.n or settings.default_n,
                    n0=params.n0, alpha=params.alpha, seed=params.seed, radius=params.radius,

@@ -56,8 +56,15 @@ def repository(tmp_path_factory) -> Path:
 
 
 def sha256(repository: Path, model_id: str) -> str:
-    """The version of a model that a job names (what the API finds at submit time)."""
+    """The weights' sha256 of a model, as certificates name it."""
     return checkpoint.version(repository / model_id)[1]
+
+
+def version(repository: Path, model_id: str) -> dict[str, str]:
+    """The version fields of a job for the model as the repository holds it now (what the API
+    puts in a job at submit time)."""
+    card, weights = checkpoint.version(repository / model_id)
+    return {"model_sha256": weights, "card_sha256": checkpoint.card_digest(card)}
 
 
 def png_bytes(seed: int = 0, size=(28, 28), mode="L") -> bytes:

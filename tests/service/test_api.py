@@ -15,7 +15,7 @@ from splitz.nets import create_model
 from splitz.smoothing import Smooth
 from worker.jobs import JobSpec
 
-from .conftest import TINY, b64, png_bytes, sha256
+from .conftest import TINY, b64, png_bytes, version
 
 
 @pytest.fixture
@@ -184,7 +184,7 @@ def test_radius_query_stops_early(client):
 def test_embedded_wait_returns_when_the_job_ends_not_at_the_deadline(repository):
     backend = EmbeddedBackend(Settings(model_dir=repository))
     try:
-        spec = dict(model_id=TINY, model_sha256=sha256(repository, TINY),
+        spec = dict(model_id=TINY, **version(repository, TINY),
                     images=[b64(png_bytes())], n=200)
         running = backend.submit(JobSpec(**spec | {"n": 20_000}))
         queued = backend.submit(JobSpec(**spec))  # behind it: one worker thread

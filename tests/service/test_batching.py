@@ -16,7 +16,7 @@ from worker import main as worker_main
 from worker.jobs import JobSpec, ModelCache, run_batch, run_job
 from worker.main import QUEUE, SplitzWorker, certify_job
 
-from .conftest import TINY, TINY_RS, b64, files, png_bytes, sha256
+from .conftest import TINY, TINY_RS, b64, files, png_bytes, version
 
 
 def comparable(result: dict) -> dict:
@@ -29,10 +29,10 @@ def comparable(result: dict) -> dict:
 
 
 def test_a_batched_pass_gives_each_job_its_own_result(repository):
-    models, version = ModelCache(repository), sha256(repository, TINY)
-    specs = [JobSpec(model_id=TINY, model_sha256=version, n=300, seed=7 * i, radius=0.05,
+    models, tiny = ModelCache(repository), version(repository, TINY)
+    specs = [JobSpec(model_id=TINY, **tiny, n=300, seed=7 * i, radius=0.05,
                      images=[b64(png_bytes(i)), b64(png_bytes(i + 10))]) for i in range(3)]
-    specs.insert(1, JobSpec(model_id=TINY, model_sha256=version, images=[b64(b"not an image")],
+    specs.insert(1, JobSpec(model_id=TINY, **tiny, images=[b64(b"not an image")],
                             n=300, radius=0.05))
     batched = run_batch(specs, models)
     assert [r.get("batched") for r in batched] == [3, None, 3, 3]
@@ -89,9 +89,9 @@ def test_a_claimed_job_is_checked_for_its_lease_only_once_it_is_started(
     conn = redis.Redis.from_url(redis_server.url)
     conn.flushall()
     queue = Queue(QUEUE, connection=conn, serializer=JSONSerializer)
-    version = sha256(repository, TINY)
+    tiny = version(repository, TINY)
     ids = [queue.enqueue(certify_job, JobSpec(
-        model_id=TINY, model_sha256=version, n=200, seed=i,
+        model_id=TINY, **tiny, n=200, seed=i,
         images=[b64(png_bytes(i))]).model_dump()).id for i in range(3)]
     monkeypatch.setattr(worker_main, "_models", ModelCache(repository))
     batch_around, prepare = SplitzWorker._batch_around, SplitzWorker.prepare_job_execution

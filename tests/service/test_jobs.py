@@ -3,7 +3,7 @@
 from splitz import checkpoint
 from worker.jobs import JobSpec, ModelCache, run_job
 
-from .conftest import TINY, b64, confident_lenet, make_repository, png_bytes, sha256
+from .conftest import TINY, b64, confident_lenet, make_repository, png_bytes, sha256, version
 
 
 def test_a_job_never_runs_on_another_version(tmp_path):
@@ -11,7 +11,7 @@ def test_a_job_never_runs_on_another_version(tmp_path):
     has it; a deleted model's job fails even where it is held."""
     repository = make_repository(tmp_path)
     old = sha256(repository, TINY)
-    job = JobSpec(model_id=TINY, model_sha256=old, images=[b64(png_bytes())], n=100)
+    job = JobSpec(model_id=TINY, **version(repository, TINY), images=[b64(png_bytes())], n=100)
     holder = ModelCache(repository)
     assert run_job(job, holder)["results"][0]["model_sha256"] == old  # now held
     new = checkpoint.save(confident_lenet("conv1", 3),
@@ -22,24 +22,42 @@ def test_a_job_never_runs_on_another_version(tmp_path):
     assert fresh["error"].startswith(f"model '{TINY}' was replaced after this job was submitted")
     assert old in fresh["error"] and sha256(repository, TINY) in fresh["error"]
     checkpoint.remove(repository, TINY)
-    assert run_job(job, holder) == {
-        "error": f"model '{TINY}' was deleted after this job was submitted"}
+    assert run_job(job, holder)["error"] == (
+        f"model '{TINY}' was deleted after this job was submitted")
 
 
-def test_a_card_edited_over_the_same_weights_is_loaded_afresh(tmp_path):
-    """Re-uploading the same weights with a corrected sigma (the importer's warning about
-    normalized units invites it) keeps their sha256: the held model kept certifying with the
-    old sigma while GET /models showed the new one. Metrics alone are no new version."""
+def test_a_card_replaced_over_the_same_weights_is_another_version(tmp_path):
+    """A job named only the weights' sha256, which a card replaced over the same weights (a
+    corrected sigma) keeps: a job submitted before ran with the new card, a version it was not
+    submitted for. Now it runs on the version it names, held, or fails; metrics alone are no
+    new version."""
     repository = make_repository(tmp_path)
-    version = sha256(repository, TINY)
-    job = JobSpec(model_id=TINY, model_sha256=version, images=[b64(png_bytes())], n=100)
+    job = JobSpec(model_id=TINY, **version(repository, TINY), images=[b64(png_bytes())], n=100)
     holder = ModelCache(repository)
-    held = holder.get(TINY, version)
+    held = holder.get(TINY, job.version)
     card = checkpoint.read_card(repository / TINY)
     card.metrics["note"] = "measured"
     checkpoint.write_card(card, repository / TINY)
-    assert holder.get(TINY, version) is held
+    assert version(repository, TINY) == job.model_dump(include={"model_sha256", "card_sha256"})
+    assert holder.get(TINY, job.version) is held
     card.sigma = 0.25
     checkpoint.write_card(card, repository / TINY)
-    assert sha256(repository, TINY) == version
-    assert run_job(job, holder)["results"][0]["sigma"] == 0.25
+    now = version(repository, TINY)
+    assert now["model_sha256"] == job.model_sha256 and now["card_sha256"] != job.card_sha256
+    assert run_job(job, holder)["results"][0]["sigma"] == 0.5  # the held version it names
+    stale = run_job(job, ModelCache(repository))
+    assert "was replaced after this job was submitted (its card changed)" in stale["error"]
+    assert run_job(job.model_copy(update=now), holder)["results"][0]["sigma"] == 0.25
+
+
+def test_the_api_puts_the_weights_and_the_card_in_a_jobs_version(make_client, repository,
+                                                                  monkeypatch):
+    client = make_client()
+    backend, specs = client.app.state.backend, []
+    submit = backend.submit
+    monkeypatch.setattr(backend, "submit", lambda spec: specs.append(spec) or submit(spec))
+    r = client.post("/jobs", params={"model": TINY, "n": 100},
+                    files=[("images", ("a.png", png_bytes(), "image/png"))])
+    assert r.status_code == 202, r.text
+    card = checkpoint.read_card(repository / TINY)
+    assert specs[0].version == (sha256(repository, TINY), checkpoint.card_digest(card))

@@ -14,7 +14,7 @@ from splitz.images import load_image
 from splitz.smoothing import Smooth
 from worker.jobs import JobSpec
 
-from .conftest import TINY, TINY_RS, b64, files, png_bytes, sha256
+from .conftest import TINY, TINY_RS, b64, files, png_bytes, version
 
 pytestmark = pytest.mark.slow
 
@@ -117,7 +117,7 @@ def test_client_and_submit_cli(make_stack, tmp_path, capsys):
 def test_rq_wait_wakes_on_the_result_stream_and_on_cancel(make_stack, repository):
     stack = make_stack()
     backend = RQBackend(Settings(redis_url=stack.redis.url))
-    spec = dict(model_id=TINY_RS, model_sha256=sha256(repository, TINY_RS),
+    spec = dict(model_id=TINY_RS, **version(repository, TINY_RS),
                 images=[b64(png_bytes())], n=500)
     first = backend.submit(JobSpec(**spec | {"n": 20_000}))
     second = backend.submit(JobSpec(**spec))  # queued behind it: one worker
