@@ -51,6 +51,7 @@ class JobView:
     total: int = 0
     result: dict[str, Any] | None = None
     error: str | None = None
+    error_status: int | None = None  # a failed job's HTTP status (jobs.failure); None: 500
     created: float = field(default_factory=time.time)
 
 
@@ -73,7 +74,7 @@ class Backend(Protocol):
 def finished_view(view: JobView, result: dict) -> JobView:
     """A job's returned dict says whether it finished, failed on bad input, or was canceled."""
     view.result = result if "results" in result else None
-    view.error = result.get("error")
+    view.error, view.error_status = result.get("error"), result.get("error_status")
     view.status = outcome(result)
     return view
 

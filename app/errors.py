@@ -5,7 +5,11 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException
 
-from splitz.errors import CheckpointError, InputError, ModelExistsError, UnknownModelError
+from splitz.errors import (
+    HTTP_STATUS,
+    CheckpointError,
+    http_status,
+)
 
 from .backends import BackendUnavailable, QueueFull
 from .repository import RepositoryUnavailable
@@ -16,10 +20,7 @@ def error(status: int, message: str, headers: dict | None = None, **extra) -> JS
 
 
 def install(app: FastAPI) -> None:
-    handlers = {
-        InputError: lambda e: error(422, str(e)),
-        ModelExistsError: lambda e: error(409, str(e)),
-        UnknownModelError: lambda e: error(404, str(e)),
+    handlers = {kind: lambda e: error(http_status(e), str(e)) for kind, _ in HTTP_STATUS} | {
         CheckpointError: lambda e: error(500, f"model repository problem: {e}"),
         QueueFull: lambda e: error(429, "queue is full, retry later", {"Retry-After": "30"}),
         BackendUnavailable: _unavailable,

@@ -117,6 +117,11 @@ class JobStatus(BaseModel):
     progress: Progress
     results: list[Answer] | None
     error: str | None
+    error_status: int | None = Field(
+        None, description="a failed job: the HTTP status of its error, as POST /certify answers "
+                          "it (404: the model was deleted after the job was submitted; 409: it "
+                          "was replaced, weights or card; 422: bad input); null: a server fault "
+                          "(500)")
     batched: int | None = Field(None, description="jobs that shared this job's engine pass")
     status_url: str | None = Field(None, description="in 202 answers: where to poll")
 
@@ -131,8 +136,9 @@ def errors(*statuses: int) -> dict[int | str, dict[str, Any]]:
     what = {400: "malformed multipart body",
             401: "missing or invalid X-API-Key (when keys are configured)",
             403: "not an admin key (model uploads are disabled when no admin key is configured)",
-            404: "unknown model or job",
-            409: "the job was canceled; or the model exists (PUT without overwrite=true)",
+            404: "unknown model or job; or the job's model was deleted after it was submitted",
+            409: "the job was canceled, or its model was replaced after it was submitted; or the "
+                 "model exists (PUT without overwrite=true)",
             413: "request body too large", 415: "send multipart/form-data or application/json",
             422: "invalid input", 429: "queue full: retry after Retry-After seconds",
             500: "the job failed on the server, or the model repository cannot be read or written",

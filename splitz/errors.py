@@ -25,6 +25,21 @@ class ModelExistsError(InvalidModelError):
     """A model of that id exists and was not to be replaced."""
 
 
+class ModelReplacedError(SplitzError):
+    """The repository holds another version of a model than a job was submitted for."""
+
+
+# The HTTP status of each error a client can cause, most specific first; anything else is 500.
+HTTP_STATUS: tuple[tuple[type[SplitzError], int], ...] = (
+    (ModelExistsError, 409), (ModelReplacedError, 409), (UnknownModelError, 404),
+    (InputError, 422))
+
+
+def http_status(e: SplitzError) -> int:
+    """What the API answers for `e`, and what a job that failed on it reports."""
+    return next((status for kind, status in HTTP_STATUS if isinstance(e, kind)), 500)
+
+
 def first_line(e: BaseException) -> str:
     """A library exception's first line, for a one-line message (its name if it has none)."""
     text = str(e).strip()

@@ -19,7 +19,13 @@ import torch
 from pydantic import BaseModel, Field, model_validator
 
 from splitz import checkpoint
-from splitz.errors import InputError, SplitzError, UnknownModelError
+from splitz.errors import (
+    InputError,
+    ModelReplacedError,
+    SplitzError,
+    UnknownModelError,
+    http_status,
+)
 from splitz.images import load_image
 from splitz.smoothing import Smooth
 
@@ -60,10 +66,6 @@ class JobSpec(BaseModel):
 
 class Canceled(Exception):
     """The client canceled the job."""
-
-
-class ModelReplaced(SplitzError):
-    """The repository holds another version of the model than the job was submitted for."""
 
 
 class ModelCache:
@@ -115,12 +117,12 @@ class ModelCache:
         return ids
 
 
-def _replaced(model_id: str, wanted: Version, found: Version) -> ModelReplaced:
+def _replaced(model_id: str, wanted: Version, found: Version) -> ModelReplacedError:
     what = "its card" if wanted[0] == found[0] else "its weights"
-    return ModelReplaced(f"model {model_id!r} was replaced after this job was submitted ({what} "
-                         f"changed): the job is for weights sha256 {wanted[0]} with card "
-                         f"{wanted[1][:16]}, the repository now holds {found[0]} with card "
-                         f"{found[1][:16]}; submit it again")
+    return ModelReplacedError(
+        f"model {model_id!r} was replaced after this job was submitted ({what} changed): the "
+        f"job is for weights sha256 {wanted[0]} with card {wanted[1][:16]}, the repository now "
+        f"holds {found[0]} with card {found[1][:16]}; submit it again")
 
 
 def decode_base64(text: str, name: str) -> bytes:
@@ -175,7 +177,7 @@ def run_batch(specs: list[JobSpec], models: ModelCache) -> list[dict]:
     try:
         smooth = models.get(first.model_id, first.version)
     except SplitzError as e:  # the model is gone or replaced: every job says so
-        return [{"error": str(e)} for _ in specs]
+        return [failure(e) for _ in specs]
     start, decoded = time.perf_counter(), []
     for spec in specs:
         try:
@@ -192,7 +194,7 @@ def run_batch(specs: list[JobSpec], models: ModelCache) -> list[dict]:
     out = []
     for spec, imgs in zip(specs, decoded, strict=True):
         if isinstance(imgs, SplitzError):
-            out.append({"error": str(imgs)})
+            out.append(failure(imgs))
         else:
             out.append(_result(spec, [{"name": nm} | next(certs).to_dict() for _, nm in imgs],
                                start, len(good)))
@@ -211,6 +213,12 @@ def _result(spec: JobSpec, results: list[dict], start: float, batched: int = 1) 
             "seconds": round(time.perf_counter() - start, 3)}
 
 
+def failure(e: SplitzError) -> dict:
+    """A job that failed on an error of the client's or of the repository, with the HTTP status
+    a request would get for it (404: the model was deleted, 409: replaced since submission)."""
+    return {"error": str(e), "error_status": http_status(e)}
+
+
 def outcome(result: dict) -> str:
     """A job's final state from what run_job returned."""
     return "canceled" if result.get("canceled") else "failed" if result.get("error") else "finished"
@@ -227,11 +235,11 @@ def run_job(spec: JobSpec, models: ModelCache,
             progress: Callable[[int, int], None] = lambda done, total: None,
             canceled: Callable[[], bool] = lambda: False) -> dict:
     """run_certify, with the errors a client caused and cancellation returned as results (so RQ
-    retries only jobs that crashed or whose worker died): {"results": ...}, {"error": ...} or
-    {"canceled": True, "error": ...}."""
+    retries only jobs that crashed or whose worker died): {"results": ...}, failure's
+    {"error": ..., "error_status": ...} or {"canceled": True, "error": ...}."""
     try:
         return run_certify(spec, models, progress, canceled)
     except Canceled as e:
         return {"canceled": True, "error": str(e)}
     except SplitzError as e:
-        return {"error": str(e)}
+        return failure(e)

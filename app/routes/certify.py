@@ -62,8 +62,9 @@ async def certify(request: Request, query: QueryDep, backend: BackendDep,
     if view.status not in TERMINAL:
         return _accepted(request, view)
     if view.status != "finished":
+        status = (view.error_status or 500) if view.status == "failed" else 409
         return JSONResponse({"error": view.error or view.status, "job_id": view.id},
-                            status_code=500 if view.status == "failed" else 409)
+                            status_code=status)
     return JSONResponse(view.result["results"][0] | {"job_id": view.id})
 
 
@@ -270,4 +271,5 @@ def _describe(view: JobView) -> dict[str, Any]:
     return {"id": view.id, "status": view.status, "model_id": view.model_id,
             "progress": {"done": view.done, "total": view.total},
             "results": view.result["results"] if view.result else None, "error": view.error,
+            "error_status": view.error_status,
             "batched": view.result.get("batched") if view.result else None}

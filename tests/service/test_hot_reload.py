@@ -94,6 +94,6 @@ def test_delete_fails_the_queued_jobs_of_the_model(stack):
     assert stack.http.delete("/models/doomed", headers=ADMIN).status_code == 204
     assert stack.wait_job(busy)["status"] == "finished"
     body = stack.wait_job(queued)
-    assert body["status"] == "failed"
+    assert (body["status"], body["error_status"]) == ("failed", 404)
     assert body["error"] == "model 'doomed' was deleted after this job was submitted"
     assert stack.http.get("/readyz", params={"model": "doomed"}).status_code == 503

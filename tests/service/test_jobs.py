@@ -1,5 +1,10 @@
 """worker/jobs.py: a job runs on the model version it names, or fails saying why."""
 
+import time
+from pathlib import Path
+
+import pytest
+
 from splitz import checkpoint
 from worker.jobs import JobSpec, ModelCache, run_job
 
@@ -61,3 +66,47 @@ def test_the_api_puts_the_weights_and_the_card_in_a_jobs_version(make_client, re
     assert r.status_code == 202, r.text
     card = checkpoint.read_card(repository / TINY)
     assert specs[0].version == (sha256(repository, TINY), checkpoint.card_digest(card))
+
+
+def replace_weights(repository: Path) -> None:
+    new = checkpoint.save(confident_lenet("conv1", 3),
+                          checkpoint.read_card(repository / TINY), repository / ".new")
+    checkpoint.publish(new, repository / TINY, replace=True)
+
+
+def replace_card(repository: Path) -> None:
+    card = checkpoint.read_card(repository / TINY)
+    card.sigma = 0.25
+    checkpoint.write_card(card, repository / TINY)
+
+
+@pytest.mark.parametrize("change,status,says", [
+    (replace_weights, 409, "was replaced after this job was submitted (its weights changed)"),
+    (replace_card, 409, "was replaced after this job was submitted (its card changed)"),
+    (lambda repository: checkpoint.remove(repository, TINY), 404,
+     "was deleted after this job was submitted"),
+])
+def test_a_model_changed_before_its_job_runs_is_a_4xx_on_both_paths(
+        make_client, tmp_path, monkeypatch, change, status, says):
+    """Between submission and run: POST /certify answered 500 and the job said only
+    'failed'. Now the job's error carries the status a request gets for it."""
+    client = make_client(model_dir=make_repository(tmp_path))
+    models = client.app.state.backend.models
+    get = models.get
+
+    def changed_first(model_id, version=None):  # the model changes once the job is queued
+        change(tmp_path)
+        monkeypatch.setattr(models, "get", get)
+        return get(model_id, version)
+
+    image = [("image", ("a.png", png_bytes(), "image/png"))]
+    monkeypatch.setattr(models, "get", changed_first)
+    r = client.post("/certify", params={"model": TINY, "n": 100}, files=image)
+    assert r.status_code == status and says in r.json()["error"]
+    make_repository(tmp_path)  # the model as it was, for the batch job
+    monkeypatch.setattr(models, "get", changed_first)
+    r = client.post("/jobs", params={"model": TINY, "n": 100},
+                    files=[("images", f) for _, f in image])
+    body = client.app.state.backend.wait(r.json()["id"], time.monotonic() + 60)
+    job = client.get(f"/jobs/{body.id}").json()
+    assert (job["status"], job["error_status"]) == ("failed", status) and says in job["error"]

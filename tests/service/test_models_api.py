@@ -188,7 +188,7 @@ def test_delete_removes_the_model_and_its_queued_jobs_fail(client, repository):
     assert client.delete("/models/doomed", headers=ADMIN).status_code == 204
     assert wait_for(client, slow)["status"] == "finished"
     body = wait_for(client, queued)
-    assert body["status"] == "failed"
+    assert (body["status"], body["error_status"]) == ("failed", 404)
     assert body["error"] == "model 'doomed' was deleted after this job was submitted"
     assert "doomed" not in [m["id"] for m in client.get("/models", headers=USER).json()]
     r = client.post("/certify", params={"model": "doomed"}, headers=USER,
