@@ -7,6 +7,7 @@ from pydantic import BaseModel, Field, create_model, model_validator
 
 from splitz.checkpoint import ModelCard
 from splitz.smoothing import SEED_LIMIT, Certificate, RadiusAnswer
+from worker.jobs import Bound
 
 
 class Params(BaseModel):
@@ -23,6 +24,17 @@ class Params(BaseModel):
                                          "secure generator (seed_source in each result)")
     early_stop: bool = Field(False, description="with radius: stop sampling once 'certified at "
                                                 "radius?' is decided")
+    bound: Bound = Field("clopper-pearson",
+                         description="the fixed-n lower bound on pA: clopper-pearson, or "
+                                     "randomized-clopper-pearson (tighter at the same n; exact "
+                                     "level alpha over an auxiliary uniform draw made from the "
+                                     "seed and recorded as bound_u). Each result records it")
+    tolerance: float | None = Field(None, gt=0, lt=1, allow_inf_nan=False,
+                                    description="adaptive certification: n is a budget; stop at "
+                                                "a third of it once the radius is within this "
+                                                "share of the whole budget's (e.g. 0.02). Each "
+                                                "result's stopping and budget record the rule. "
+                                                "Not with early_stop")
     wait: bool = Field(True, description="POST /certify: wait for the answer (else 202)")
 
 

@@ -14,6 +14,7 @@ import threading
 import time
 from collections.abc import Callable
 from pathlib import Path
+from typing import Literal
 
 import torch
 from pydantic import BaseModel, Field, model_validator
@@ -28,8 +29,10 @@ from splitz.errors import (
 )
 from splitz.images import load_image
 from splitz.smoothing import Smooth
+from splitz.stats import FIXED_BOUNDS
 
 Version = tuple[str, str]  # (weights sha256, card digest): see checkpoint.card_digest
+Bound = Literal[FIXED_BOUNDS]  # the fixed-n lower bounds on pA that certify and query take
 
 
 class JobSpec(BaseModel):
@@ -45,6 +48,8 @@ class JobSpec(BaseModel):
     seed: int | None = Field(None, ge=0)  # None: drawn by the engine (seed_source "random")
     radius: float | None = Field(None, ge=0, allow_inf_nan=False)
     early_stop: bool = False  # with radius: only decide "certified at radius?" (Smooth.query)
+    bound: Bound = "clopper-pearson"
+    tolerance: float | None = Field(None, gt=0, lt=1)  # adaptive certification (not queries)
 
     @model_validator(mode="after")
     def _one_name_per_image(self) -> "JobSpec":
@@ -147,10 +152,11 @@ def run_certify(spec: JobSpec, models: ModelCache,
         check(0)
         if spec.is_query:
             answer = smooth.query(x, spec.radius, alpha=spec.alpha, n0=spec.n0, n_max=spec.n,
-                                  seed=spec.image_seed(i), on_chunk=check)[0]
+                                  seed=spec.image_seed(i), bound=spec.bound, on_chunk=check)[0]
         else:
             answer = smooth.certify(x, n0=spec.n0, n=spec.n, alpha=spec.alpha,
                                     seed=spec.image_seed(i), radius=spec.radius,
+                                    bound=spec.bound, tolerance=spec.tolerance,
                                     on_chunk=check)[0]
         results.append({"name": name} | answer.to_dict())
         progress(i + 1, len(images))
@@ -165,8 +171,8 @@ def batch_key(spec: JobSpec) -> tuple | None:
     jobs that are not batched (radius queries, jobs over SMALL_JOB_IMAGES)."""
     if spec.is_query or len(spec.images) > SMALL_JOB_IMAGES:
         return None
-    return (spec.model_id, spec.version, spec.n, spec.n0, spec.alpha, spec.radius,
-            spec.seed is None)
+    return (spec.model_id, spec.version, spec.n, spec.n0, spec.alpha, spec.radius, spec.bound,
+            spec.tolerance, spec.seed is None)
 
 
 def run_batch(specs: list[JobSpec], models: ModelCache) -> list[dict]:
@@ -190,7 +196,8 @@ def run_batch(specs: list[JobSpec], models: ModelCache) -> list[dict]:
     seeds = None if first.seed is None else [spec.image_seed(i) for spec, imgs in good
                                              for i in range(len(imgs))]
     certs = iter(smooth.certify(torch.stack(x), n0=first.n0, n=first.n, alpha=first.alpha,
-                                seed=seeds, radius=first.radius) if x else [])
+                                seed=seeds, radius=first.radius, bound=first.bound,
+                                tolerance=first.tolerance) if x else [])
     out = []
     for spec, imgs in zip(specs, decoded, strict=True):
         if isinstance(imgs, SplitzError):

@@ -216,6 +216,9 @@ def _validate(model: type[BaseModel], data: Any):
 def _check(params: Params, settings: Settings) -> None:
     if params.early_stop and params.radius is None:
         raise InputError("early_stop needs a radius")
+    if params.early_stop and params.tolerance is not None:
+        raise InputError("tolerance is for certification; early_stop answers 'certified at "
+                         "radius?' with its own stopping rule")
     for n in (params.n or settings.default_n, params.n0):
         if n > settings.max_n:
             raise InputError(f"n={n} is over this server's cap of {settings.max_n}")
@@ -227,7 +230,7 @@ def _spec(params: Params, version: Version, images: list[tuple[str, bytes]],
                    images=[base64.b64encode(d).decode() for _, d in images],
                    names=[nm for nm, _ in images], n=params.n or settings.default_n,
                    n0=params.n0, alpha=params.alpha, seed=params.seed, radius=params.radius,
-                   early_stop=params.early_stop)
+                   early_stop=params.early_stop, bound=params.bound, tolerance=params.tolerance)
 
 
 # -- answering -------------------------------------------------------------------------------

@@ -1,6 +1,7 @@
 """The HTTP API over the embedded backend (in-process, no Redis)."""
 
 import io
+import json
 import time
 import zipfile
 
@@ -9,7 +10,7 @@ from PIL import Image
 
 from app.backends import EmbeddedBackend
 from app.settings import Settings
-from splitz import checkpoint
+from splitz import checkpoint, cli
 from splitz.images import load_image
 from splitz.nets import create_model
 from splitz.smoothing import Smooth
@@ -47,6 +48,39 @@ def test_certify_multipart_equals_the_engine(client, repository):
     for key in ("prediction", "radius", "n_a", "p_a_lower", "lipschitz", "gamma", "seed",
                 "model_sha256", "certified"):
         assert got[key] == getattr(want, key), key
+
+
+@pytest.mark.parametrize("options", [{"bound": "randomized-clopper-pearson"},
+                                     {"tolerance": 0.02},
+                                     {"bound": "randomized-clopper-pearson", "tolerance": 0.05}])
+def test_bound_and_tolerance_give_the_clis_certificate(client, repository, tmp_path, capsys,
+                                                      options):
+    """POST /certify took neither the CLI's --bound nor its --tolerance. With the seed the
+    server drew (and recorded), the CLI now gives the very same certificate."""
+    r = client.post("/certify", params={"model": TINY, "n": 3000, "radius": 0.05} | options,
+                    files=upload(png_bytes(3)))
+    assert r.status_code == 200, r.text
+    got = r.json()
+    assert got["bound"] == options.get("bound", "clopper-pearson")
+    assert got["stopping"].startswith("adaptive") == ("tolerance" in options)
+    image = tmp_path / "a.png"
+    image.write_bytes(png_bytes(3))
+    assert cli.main(["certify", str(image), "--model", str(repository / TINY), "--n", "3000",
+                     "--radius", "0.05", "--seed", str(got["seed"]), "--json", "--quiet",
+                     *(f"--{k}={v}" for k, v in options.items())]) == 0
+    want = json.loads(capsys.readouterr().out)
+    drop = {"time_s", "seed_source", "image", "name", "job_id"}
+    assert {k: v for k, v in got.items() if k not in drop} == {
+        k: v for k, v in want.items() if k not in drop}
+
+
+def test_tolerance_is_refused_with_early_stop(client):
+    r = client.post("/certify", params={"model": TINY, "radius": 0.05, "early_stop": "true",
+                                        "tolerance": 0.02}, files=upload(png_bytes()))
+    assert r.status_code == 422 and "tolerance" in r.json()["error"]
+    r = client.post("/certify", params={"model": TINY, "bound": "wilson"},
+                    files=upload(png_bytes()))
+    assert r.status_code == 422 and "bound" in r.json()["error"]
 
 
 def test_certify_json_base64_and_async_job(client):
@@ -312,8 +346,11 @@ def test_a_503_after_enqueueing_names_the_job(client, monkeypatch):
 def test_openapi_declares_parameters_bodies_and_the_error_model(client):
     doc = client.get("/openapi.json").json()
     op = doc["paths"]["/certify"]["post"]
-    assert {"model", "n", "n0", "alpha", "seed", "radius", "wait", "early_stop"} <= {
-        p["name"] for p in op["parameters"] if p["in"] == "query"}
+    query = {p["name"]: p for p in op["parameters"] if p["in"] == "query"}
+    assert {"model", "n", "n0", "alpha", "seed", "radius", "wait", "early_stop", "bound",
+            "tolerance"} <= set(query)
+    assert query["bound"]["schema"]["enum"] == ["clopper-pearson", "randomized-clopper-pearson"]
+    assert all(query[k]["description"] for k in ("bound", "tolerance"))
     content = op["requestBody"]["content"]
     assert content["multipart/form-data"]["schema"]["properties"]["image"]["format"] == "binary"
     assert "image" in content["application/json"]["schema"]["required"]

@@ -13,7 +13,7 @@ from splitz import checkpoint
 from splitz.images import load_image
 from splitz.smoothing import Smooth
 from worker import main as worker_main
-from worker.jobs import JobSpec, ModelCache, run_batch, run_job
+from worker.jobs import JobSpec, ModelCache, batch_key, run_batch, run_job
 from worker.main import QUEUE, SplitzWorker, certify_job
 
 from .conftest import TINY, TINY_RS, b64, files, png_bytes, version
@@ -39,6 +39,25 @@ def test_a_batched_pass_gives_each_job_its_own_result(repository):
     assert "image-0" in batched[1]["error"]
     for spec, got in zip(specs, batched, strict=True):
         assert comparable(got) == comparable(run_job(spec, models))
+
+
+def test_jobs_differing_in_bound_or_tolerance_are_never_batched_together(repository):
+    """batch_key left out the bound and the stopping rule, so one pass certified such jobs
+    with the first job's. Each batch keeps its jobs' own, with the results they get alone."""
+    base = JobSpec(model_id=TINY, **version(repository, TINY), n=3000, seed=3,
+                   images=[b64(png_bytes(1))])
+    others = [base.model_copy(update={"bound": "randomized-clopper-pearson"}),
+              base.model_copy(update={"tolerance": 0.02})]
+    assert len({batch_key(spec) for spec in [base, *others]}) == 3
+    models = ModelCache(repository)
+    for spec in others:
+        pair = [spec, spec.model_copy(update={"seed": 11, "images": [b64(png_bytes(2))]})]
+        batched = run_batch(pair, models)
+        for one, got in zip(pair, batched, strict=True):
+            assert comparable(got) == comparable(run_job(one, models))
+            cert = got["results"][0]
+            assert cert["bound"] == one.bound
+            assert cert["stopping"].startswith("adaptive") == (one.tolerance is not None)
 
 
 @pytest.mark.slow
