@@ -28,7 +28,8 @@ class Params(BaseModel):
                          description="the fixed-n lower bound on pA: clopper-pearson, or "
                                      "randomized-clopper-pearson (tighter at the same n; exact "
                                      "level alpha over an auxiliary uniform draw made from the "
-                                     "seed and recorded as bound_u). Each result records it")
+                                     "seed and recorded as bound_u; so refused with a "
+                                     "client-chosen seed). Each result records it")
     tolerance: float | None = Field(None, gt=0, lt=1, allow_inf_nan=False,
                                     description="adaptive certification: n is a budget; stop at "
                                                 "a third of it once the radius is within this "

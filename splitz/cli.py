@@ -14,7 +14,7 @@ from . import checkpoint, data, evaluate, importer
 from .errors import SplitzError
 from .images import load_image
 from .lipschitz import layer_profile
-from .smoothing import PRECISIONS, SEED_LIMIT, Smooth
+from .smoothing import PRECISIONS, SEED_LIMIT, Smooth, known_draw
 from .stats import FIXED_BOUNDS, text_down, text_up
 from .train import TrainConfig, train
 
@@ -257,7 +257,15 @@ def _available_memory() -> int | None:
     return None
 
 
+def _warn_known_draw(args) -> None:
+    """The CLI's user is the certifier and may fix the draw (to reproduce a certificate), but a
+    certificate shown to others should not have been made so."""
+    if why := known_draw(args.bound, args.seed):
+        print(f"splitz: warning: --bound {args.bound} with --seed: {why}", file=sys.stderr)
+
+
 def _certify(args) -> int:
+    _warn_known_draw(args)
     smooth, loaded, x = _load(args)
     certs = smooth.certify(x, n0=args.n0, n=args.n, alpha=args.alpha, seed=args.seed,
                            radius=args.radius, progress=not args.quiet, bound=args.bound,
@@ -290,6 +298,7 @@ def _certify(args) -> int:
 
 
 def _query(args) -> int:
+    _warn_known_draw(args)
     smooth, loaded, x = _load(args)
     answers = smooth.query(x, args.radius, alpha=args.alpha, n0=args.n0, n_max=args.n,
                            seed=args.seed, bound=args.bound)

@@ -498,6 +498,17 @@ SEED_LIMIT = 2**62  # drawn seeds are below this; seed + i stays a valid torch s
 SEED_RANGE = 2**64  # an image's seed: what torch's manual_seed and numpy's SeedSequence take
 
 
+def known_draw(bound: str, seed: int | Sequence[int] | None) -> str | None:
+    """Why the randomized bound with a seed its caller chose is no guarantee to anyone else
+    (None when it is not the case): its level alpha is exact over a uniform draw nobody can
+    predict, and the draw comes from the seed."""
+    if bound != "randomized-clopper-pearson" or seed is None:
+        return None
+    return ("the randomized bound's uniform draw comes from the seed, so whoever chooses the "
+            "seed knows the draw in advance and can pick one that raises pA_lower; its level "
+            "alpha holds only for a draw they cannot predict")
+
+
 def _source(seed: int | Sequence[int] | None) -> str:
     return "random" if seed is None else "client"
 

@@ -16,6 +16,7 @@ from starlette.datastructures import UploadFile
 from splitz import checkpoint
 from splitz.errors import InputError
 from splitz.images import canonical_png
+from splitz.smoothing import known_draw
 from worker.jobs import JobSpec, Version, decode_base64
 
 from ..backends import TERMINAL, BackendUnavailable, JobView
@@ -216,6 +217,9 @@ def _validate(model: type[BaseModel], data: Any):
 def _check(params: Params, settings: Settings) -> None:
     if params.early_stop and params.radius is None:
         raise InputError("early_stop needs a radius")
+    if why := known_draw(params.bound, params.seed):
+        raise InputError(f"bound={params.bound} with a client-chosen seed is refused: {why}; "
+                         "leave seed out and the server draws it")
     if params.early_stop and params.tolerance is not None:
         raise InputError("tolerance is for certification; early_stop answers 'certified at "
                          "radius?' with its own stopping rule")

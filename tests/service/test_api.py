@@ -74,6 +74,21 @@ def test_bound_and_tolerance_give_the_clis_certificate(client, repository, tmp_p
         k: v for k, v in want.items() if k not in drop}
 
 
+def test_the_randomized_bound_with_a_client_seed_is_a_422_saying_why(client):
+    """The bound's auxiliary draw comes from the seed: a client choosing the seed chooses the
+    draw, and its certificate would carry the server's guarantee."""
+    bound = {"bound": "randomized-clopper-pearson"}
+    for r in (client.post("/certify", params={"model": TINY, "seed": 1} | bound,
+                          files=upload(png_bytes())),
+              client.post("/jobs", json={"model": TINY, "seed": 1, "images": [b64(png_bytes())]}
+                          | bound)):
+        assert r.status_code == 422
+        assert "client-chosen seed" in r.json()["error"] and "in advance" in r.json()["error"]
+    r = client.post("/certify", params={"model": TINY, "n": 100} | bound,
+                    files=upload(png_bytes()))
+    assert r.status_code == 200 and r.json()["seed_source"] == "random"
+
+
 def test_tolerance_is_refused_with_early_stop(client):
     r = client.post("/certify", params={"model": TINY, "radius": 0.05, "early_stop": "true",
                                         "tolerance": 0.02}, files=upload(png_bytes()))

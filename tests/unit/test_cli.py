@@ -57,6 +57,21 @@ def test_certify_adaptive_with_the_randomized_bound_records_both(model_dir, digi
         main(["certify", str(digit), "--model", str(model_dir), "--bound", "wald"])
 
 
+@pytest.mark.parametrize("command", ["certify", "query"])
+def test_a_chosen_seed_with_the_randomized_bound_is_warned_of_in_one_line(
+        model_dir, digit, capsys, command):
+    args = [command, str(digit), "--model", str(model_dir), "--n", "100", "--n0", "10",
+            "--radius", "0.1", "--quiet", "--bound", "randomized-clopper-pearson"]
+    assert main([*args, "--seed", "3"]) == 0
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("splitz: warning: --bound "
+                                               "randomized-clopper-pearson with --seed")
+    assert "in advance" in err[0]
+    assert main(args) == 0  # a drawn seed: nothing to warn of
+    assert main([*args[:-1], "clopper-pearson", "--seed", "3"]) == 0
+    assert capsys.readouterr().err == ""
+
+
 def test_predict_and_lipschitz(model_dir, digit, capsys):
     assert main(["predict", str(digit), "--model", str(model_dir), "--n", "100"]) == 0
     assert main(["lipschitz", "--model", str(model_dir)]) == 0
