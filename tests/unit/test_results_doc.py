@@ -26,7 +26,7 @@ def _run(results, tmp_path: Path, name: str, radii: list[float], splitz: bool,
     tsv.write_text("\n".join(rows) + "\n")
     meta = {"every": every, "images": len(radii), "n": n, "data": "mnist", "n0": 100,
             "alpha": 0.001, "command": "splitz evaluate"}
-    return results.Run(name, meta, tsv, splitz, recipe)
+    return results.Run(name, meta, tsv, splitz, recipe, 1.0 if splitz else 0.5)
 
 
 def test_difference_uses_the_best_run_of_each_side_per_protocol(results, tmp_path):
@@ -70,8 +70,8 @@ def test_splitz_meets_only_the_baseline_trained_with_its_recipe(results, tmp_pat
     pairs = results.same_recipe(group, summaries)
     label = "mnist, 2 images (every 10), n = 100,000, consistency"
     assert list(pairs) == [label]  # no gaussian SPLITZ run: the gaussian baseline meets nobody
-    words = "\n".join(results.verdict(pairs))
+    words = "\n".join(results.verdict(group, summaries))
     # both 50 % up to radius 1.0 (certified at ε <= radius), SPLITZ alone to 2.0, nobody beyond
-    assert (f"- {label}: SPLITZ wins at ε = 1.25, 1.5, 1.75, 2; "
+    assert (f"- {label} (σ: SPLITZ 1; baseline 0.5): SPLITZ wins at ε = 1.25, 1.5, 1.75, 2; "
             "ties at ε = 0, 0.25, 0.5, 0.75, 1.") in words
     assert "loses" not in words
