@@ -12,7 +12,7 @@ import base64
 import binascii
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Literal
 
@@ -28,7 +28,7 @@ from splitz.errors import (
     http_status,
 )
 from splitz.images import load_image
-from splitz.smoothing import Smooth
+from splitz.smoothing import Certificate, Smooth
 from splitz.stats import FIXED_BOUNDS
 
 Version = tuple[str, str]  # (weights sha256, card digest): see checkpoint.card_digest
@@ -175,37 +175,67 @@ def batch_key(spec: JobSpec) -> tuple | None:
             spec.tolerance, spec.seed is None)
 
 
-def run_batch(specs: list[JobSpec], models: ModelCache) -> list[dict]:
+def run_batch(specs: list[JobSpec], models: ModelCache,
+              canceled: Callable[[int], bool] = lambda i: False) -> list[dict]:
     """Certify the images of several jobs with one batch_key in one `certify` call, so small
     jobs share forward passes and the Lipschitz search. Each job's results equal run_job's:
-    the engine draws image i's noise from its own seed, whatever shares the pass."""
+    the engine draws image i's noise from its own seed, whatever shares the pass. A job found
+    canceled (canceled(i), asked before each chunk of samples) ends canceled at once: the pass
+    stops and starts again without it, so the others still get their own results."""
     first = specs[0]
     try:
         smooth = models.get(first.model_id, first.version)
     except SplitzError as e:  # the model is gone or replaced: every job says so
         return [failure(e) for _ in specs]
-    start, decoded = time.perf_counter(), []
-    for spec in specs:
+    start, todo = time.perf_counter(), []
+    out: list[dict | None] = [None] * len(specs)
+    for i, spec in enumerate(specs):
         try:
-            decoded.append(_decode(spec, smooth))
+            todo.append((i, _decode(spec, smooth)))
         except SplitzError as e:
-            decoded.append(e)
-    good = [(spec, imgs) for spec, imgs in zip(specs, decoded, strict=True)
-            if not isinstance(imgs, SplitzError)]
-    x = [img for _, imgs in good for img, _ in imgs]
-    seeds = None if first.seed is None else [spec.image_seed(i) for spec, imgs in good
-                                             for i in range(len(imgs))]
-    certs = iter(smooth.certify(torch.stack(x), n0=first.n0, n=first.n, alpha=first.alpha,
-                                seed=seeds, radius=first.radius, bound=first.bound,
-                                tolerance=first.tolerance) if x else [])
-    out = []
-    for spec, imgs in zip(specs, decoded, strict=True):
-        if isinstance(imgs, SplitzError):
-            out.append(failure(imgs))
-        else:
-            out.append(_result(spec, [{"name": nm} | next(certs).to_dict() for _, nm in imgs],
-                               start, len(good)))
+            out[i] = failure(e)
+    while todo:
+        try:
+            certs = _certify_together(smooth, [(specs[i], imgs) for i, imgs in todo],
+                                      _dropper([i for i, _ in todo], canceled))
+        except _Dropped as e:
+            for i in e.jobs:
+                out[i] = {"canceled": True, "error": "canceled while certified in a batch"}
+            todo = [(i, imgs) for i, imgs in todo if i not in e.jobs]
+            continue
+        for i, imgs in todo:
+            out[i] = _result(specs[i], [{"name": nm} | next(certs).to_dict() for _, nm in imgs],
+                             start, len(todo))
+        break
     return out
+
+
+class _Dropped(Exception):
+    """Jobs of a batched pass were canceled (their indices: `jobs`)."""
+
+    def __init__(self, jobs: list[int]):
+        super().__init__(jobs)
+        self.jobs = jobs
+
+
+def _dropper(jobs: list[int], canceled: Callable[[int], bool]) -> Callable[[int], None]:
+    """An on_chunk that stops the pass when any of `jobs` is canceled."""
+    def check(_samples: int) -> None:
+        if gone := [i for i in jobs if canceled(i)]:
+            raise _Dropped(gone)
+    return check
+
+
+def _certify_together(smooth: Smooth, jobs: list[tuple[JobSpec, list]],
+                      on_chunk: Callable[[int], None]) -> Iterator[Certificate]:
+    """One certify call over the images of `jobs` (one batch_key); their certificates in order."""
+    first = jobs[0][0]
+    x = torch.stack([img for _, imgs in jobs for img, _ in imgs])
+    seeds = None if first.seed is None else [spec.image_seed(i) for spec, imgs in jobs
+                                             for i in range(len(imgs))]
+    return iter(smooth.certify(x, n0=first.n0, n=first.n, alpha=first.alpha, seed=seeds,
+                               radius=first.radius, bound=first.bound,
+                               tolerance=first.tolerance, on_chunk=on_chunk))
 
 
 def _decode(spec: JobSpec, smooth: Smooth) -> list[tuple[torch.Tensor, str]]:

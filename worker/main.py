@@ -19,7 +19,9 @@ writes nothing, so each job has one writer and is certified by at most one worke
 Batching: before running a small job, the worker claims the compatible small jobs queued
 behind it (atomically taken off the queue and started under this worker, heartbeats included,
 so they show as started and a dead worker's claims are retried like its own job), certifies
-them together in one engine pass (jobs.run_batch), then finishes each with its own result."""
+them together in one engine pass (jobs.run_batch), then finishes each with its own result. A
+job canceled during the pass leaves it at the next chunk of samples and ends canceled; the pass
+goes on without it."""
 
 import argparse
 import logging
@@ -90,30 +92,46 @@ def connect(url: str) -> Redis:
         raise SplitzError(f"SPLITZ_REDIS_URL: {e}") from None
 
 
+class CancelFlags:
+    """Which of some jobs were canceled (their cancel keys), read for all of them in one round
+    trip at most every CANCEL_POLL_S; a job seen canceled stays so. Called with a job's index."""
+
+    def __init__(self, connection: Redis, job_ids: list[str]):
+        self.connection, self.job_ids = connection, job_ids
+        self.seen: set[int] = set()
+        self.polled = 0.0
+
+    def __call__(self, i: int) -> bool:
+        if i not in self.seen and time.monotonic() - self.polled > CANCEL_POLL_S:
+            self.polled = time.monotonic()
+            with self.connection.pipeline() as p:
+                for job_id in self.job_ids:
+                    p.exists(cancel_key(job_id))
+                self.seen |= {k for k, flag in enumerate(p.execute()) if flag}
+        return i in self.seen
+
+
 def certify_job(spec: dict) -> dict:
     """RQ entry point: JSON in, JSON out (see jobs.run_job)."""
     job = get_current_job()
-    last_poll, flagged = 0.0, False
+    flags = CancelFlags(job.connection, [job.id])
 
     def progress(done: int, total: int) -> None:
         job.meta.update(done=done, total=total)
         job.save_meta()
 
     def canceled() -> bool:
-        nonlocal last_poll, flagged
         if job.id in _lost:
             raise LeaseLost(job.id)
-        if not flagged and time.monotonic() - last_poll > CANCEL_POLL_S:
-            last_poll = time.monotonic()
-            flagged = bool(job.connection.exists(cancel_key(job.id)))
-        return flagged
+        return flags(0)
 
     spec = JobSpec.model_validate(spec)
-    if job.id in _ahead:
+    if job.id in _ahead:  # certified in this worker's batched pass, or canceled during it
         result = _ahead.pop(job.id)
-        if canceled():
-            return {"canceled": True, "error": "canceled"}
-        progress(len(spec.images), len(spec.images))
+        if canceled() and not result.get("canceled"):
+            result = {"canceled": True, "error": "canceled"}
+        if not result.get("canceled"):
+            progress(len(spec.images), len(spec.images))
         return result
     return run_job(spec, _cache(), progress, canceled)
 
@@ -204,8 +222,8 @@ class SplitzWorker(SimpleWorker):
             specs.append(other)
             images += len(other.images)
         if claimed:
-            results = run_batch(specs, _cache())
             ids = [job.id, *(p.id for p, _ in claimed)]
+            results = run_batch(specs, _cache(), CancelFlags(self.connection, ids))
             _ahead.update(zip(ids, results, strict=True))
         return claimed
 

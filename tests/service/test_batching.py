@@ -9,6 +9,8 @@ from rq import Queue
 from rq.job import Job
 from rq.serializers import JSONSerializer
 
+from app.backends import RQBackend
+from app.settings import Settings
 from splitz import checkpoint
 from splitz.images import load_image
 from splitz.smoothing import Smooth
@@ -58,6 +60,65 @@ def test_jobs_differing_in_bound_or_tolerance_are_never_batched_together(reposit
             cert = got["results"][0]
             assert cert["bound"] == one.bound
             assert cert["stopping"].startswith("adaptive") == (one.tolerance is not None)
+
+
+def test_a_job_canceled_during_its_batched_pass_stops_and_the_others_finish(repository,
+                                                                              monkeypatch):
+    """run_batch did not look at cancellation: a job canceled while its batch was certified
+    was sampled to the end with the others."""
+    models, tiny = ModelCache(repository), version(repository, TINY)
+    specs = [JobSpec(model_id=TINY, **tiny, n=3000, seed=10 * i, images=[b64(png_bytes(i))])
+             for i in range(3)]
+    smooth, passes, asked = models.get(TINY, specs[0].version), [], []
+    certify = smooth.certify
+    monkeypatch.setattr(smooth, "certify", lambda x, **kw: passes.append(len(x)) or
+                        certify(x, **kw))
+
+    def canceled(i: int) -> bool:  # job 1, after two chunks of the first pass
+        asked.append(i)
+        return i == 1 and len(asked) > 2 * len(specs)
+
+    results = run_batch(specs, models, canceled)
+    assert results[1] == {"canceled": True, "error": "canceled while certified in a batch"}
+    assert passes == [3, 2]  # stopped mid-pass, then went on without it
+    monkeypatch.undo()
+    for i in (0, 2):
+        assert results[i]["batched"] == 2
+        assert comparable(results[i]) == comparable(run_job(specs[i], models))
+
+
+@pytest.mark.slow
+def test_delete_of_a_job_in_a_batched_pass_cancels_it_alone(redis_server, repository,
+                                                             monkeypatch):
+    """The worker's batched pass, with a DELETE (RQBackend.cancel) of one of its jobs as soon
+    as the pass starts: that job ends canceled, the others finish with their own results."""
+    conn = redis.Redis.from_url(redis_server.url)
+    conn.flushall()
+    queue = Queue(QUEUE, connection=conn, serializer=JSONSerializer)
+    tiny = version(repository, TINY)
+    specs = [JobSpec(model_id=TINY, **tiny, n=3000, seed=10 * i, images=[b64(png_bytes(i))])
+             for i in range(3)]
+    ids = [queue.enqueue(certify_job, spec.model_dump()).id for spec in specs]
+    models = ModelCache(repository)
+    monkeypatch.setattr(worker_main, "_models", models)
+    backend = RQBackend(Settings(redis_url=redis_server.url))
+    smooth = models.get(TINY, specs[0].version)
+    certify = smooth.certify
+
+    def delete_first(x, **kw):
+        if len(x) == 3:
+            backend.cancel(ids[1])
+        return certify(x, **kw)
+
+    monkeypatch.setattr(smooth, "certify", delete_first)
+    SplitzWorker([queue], connection=conn, serializer=JSONSerializer).work(burst=True)
+    assert [backend.get(j).status for j in ids] == ["finished", "canceled", "finished"]
+    monkeypatch.undo()
+    for i in (0, 2):
+        got = backend.get(ids[i]).result
+        assert got["batched"] == 2
+        assert comparable(got) == comparable(run_job(specs[i], ModelCache(repository)))
+    backend.close()
 
 
 @pytest.mark.slow
