@@ -6,12 +6,14 @@ from contextlib import asynccontextmanager
 import anyio
 from fastapi import FastAPI
 
-from . import errors
+from . import errors, repository
 from .backends import make_backend
 from .limits import BodySizeLimit
 from .metrics import Metrics, RequestMetrics
 from .routes import certify, health, models
 from .settings import Settings
+
+log = logging.getLogger("splitz.api")
 
 
 def create_app(settings: Settings | None = None) -> FastAPI:
@@ -20,6 +22,8 @@ def create_app(settings: Settings | None = None) -> FastAPI:
 
     @asynccontextmanager
     async def lifespan(app: FastAPI):
+        if removed := repository.remove_stale(settings.model_dir):
+            log.info("removed what a crash left in the model repository: %s", ", ".join(removed))
         app.state.backend = make_backend(settings)
         # threads blocked waiting for results of synchronous requests: one per queued job
         app.state.waiters = anyio.CapacityLimiter(settings.max_queue)
@@ -37,5 +41,5 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.add_middleware(BodySizeLimit, max_bytes=settings.max_body_bytes,
                        upload_max_bytes=settings.max_model_bytes)
     app.add_middleware(RequestMetrics, metrics=metrics)
-    logging.getLogger("splitz.api").setLevel(logging.INFO)
+    log.setLevel(logging.INFO)
     return app

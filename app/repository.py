@@ -31,3 +31,12 @@ def readiness(model_dir: Path, model_id: str | None) -> tuple[bool, str]:
     except (RepositoryUnavailable, UnknownModelError) as e:
         return False, str(e)
     return True, "models found"
+
+
+def remove_stale(model_dir: Path) -> list[str]:
+    """checkpoint.remove_stale, for the API's start: nothing where the repository is missing or
+    cannot be listed (/readyz and GET /models say so)."""
+    try:
+        return checkpoint.remove_stale(folder(model_dir))
+    except (RepositoryUnavailable, OSError):
+        return []

@@ -13,12 +13,15 @@ model, never the card of one version with the weights of another.
 
 import ctypes
 import errno
+import fcntl
 import hashlib
 import json
 import os
 import re
 import secrets
 import shutil
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from functools import partial
 from pathlib import Path
@@ -54,6 +57,9 @@ BOUND_METHODS = {
 PIXEL_RANGE = (0.0, 1.0)
 READ_TRIES = 3  # a folder replaced this many times while one reader opens it is an error
 RENAME_NOREPLACE, RENAME_EXCHANGE = 1, 2  # renameat2(2) flags (linux/fs.h)
+# Hidden folders beside the models, never models (no MODEL_ID starts with "."): an import being
+# written, and a deleted model being removed. A crash can leave them (remove_stale).
+IMPORT_PREFIX, DELETED_PREFIX = ".import-", ".deleted-"
 
 
 class ModelCard(BaseModel):
@@ -297,12 +303,46 @@ def remove(repository: Path, model_id: str) -> None:
     """Delete a model: renamed to a hidden name in one step (readers find it whole or not at
     all), then its files."""
     path = resolve(repository, model_id)
-    hidden = path.with_name(f".deleted-{model_id}-{secrets.token_hex(8)}")
+    hidden = path.with_name(f"{DELETED_PREFIX}{model_id}-{secrets.token_hex(8)}")
     try:
         path.rename(hidden)
     except FileNotFoundError:
         raise UnknownModelError(f"unknown model {model_id!r}") from None
     shutil.rmtree(hidden, ignore_errors=True)
+
+
+@contextmanager
+def in_use(folder: Path) -> Iterator[None]:
+    """Hold a temporary folder while it is written, so that remove_stale leaves it: an exclusive
+    flock on it, which the kernel releases when the process ends, however it ends."""
+    fd = os.open(folder, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX)
+        yield
+    finally:
+        os.close(fd)
+
+
+def remove_stale(repository: Path) -> list[str]:
+    """Delete the hidden temporary folders (IMPORT_PREFIX, DELETED_PREFIX) that no process
+    holds (in_use): what a crash left. Returns their names."""
+    removed = []
+    for path in sorted(Path(repository).iterdir()):
+        if not path.name.startswith((IMPORT_PREFIX, DELETED_PREFIX)):
+            continue
+        try:
+            fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW)
+        except OSError:  # not a folder, or gone meanwhile
+            continue
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            shutil.rmtree(path, ignore_errors=True)
+            removed.append(path.name)
+        except BlockingIOError:  # an import is writing it
+            pass
+        finally:
+            os.close(fd)
+    return removed
 
 
 def _rename2(src: Path, dst: Path, flags: int) -> None:

@@ -163,11 +163,13 @@ def write(package: Package, target: Path, force: bool = False) -> Imported:
     tmp = None
     try:
         target.parent.mkdir(parents=True, exist_ok=True)
-        tmp = Path(tempfile.mkdtemp(prefix=f".import-{target.name}-", dir=target.parent))
-        checkpoint.save(package.model, package.card, tmp)
-        written = checkpoint.load(tmp)
-        tmp.chmod(0o755)  # mkdtemp's 0700 would hide the model from a service's other user
-        replaced = checkpoint.publish(tmp, target, replace=force)
+        tmp = Path(tempfile.mkdtemp(prefix=f"{checkpoint.IMPORT_PREFIX}{target.name}-",
+                                    dir=target.parent))
+        with checkpoint.in_use(tmp):  # an API starting meanwhile does not take it for stale
+            checkpoint.save(package.model, package.card, tmp)
+            written = checkpoint.load(tmp)
+            tmp.chmod(0o755)  # mkdtemp's 0700 would hide the model from a service's other user
+            replaced = checkpoint.publish(tmp, target, replace=force)
     except CheckpointError as e:
         raise InvalidModelError(f"the written model does not load: {e}") from None
     except FileExistsError:

@@ -4,6 +4,7 @@ only on the model version they were submitted for."""
 
 import io
 import json
+import shutil
 import time
 from pathlib import Path
 
@@ -11,7 +12,9 @@ import pytest
 import torch
 from safetensors.torch import save
 
-from .conftest import TINY, confident_lenet, make_repository, png_bytes, sha256, upload
+from splitz import checkpoint
+
+from .conftest import TINY, TINY_RS, confident_lenet, make_repository, png_bytes, sha256, upload
 
 ADMIN, USER = {"X-API-Key": "adm1n"}, {"X-API-Key": "us3r"}
 KEYS = {"api_keys": ["us3r"], "admin_keys": ["adm1n"]}
@@ -207,3 +210,18 @@ def test_a_wrappers_key_prefix_is_named_then_stripped_on_request(client, reposit
                    headers=ADMIN)
     assert r.status_code == 201, r.text
     assert r.json()["card"]["training"]["strip_prefix"] == "module."
+
+
+def test_the_api_removes_what_a_crash_left_in_the_repository_at_start(make_client, repository):
+    """An import or a delete killed midway left its hidden folder for good (a whole model's
+    weights). The API removes them when it starts, but not an import another process is
+    writing."""
+    stale = [repository / ".import-tiny-k3j2x9", repository / f".deleted-{TINY}-0123456789abcdef"]
+    for folder in stale:
+        shutil.copytree(repository / TINY, folder)
+    busy = repository / ".import-new-abcd12"
+    busy.mkdir()
+    with checkpoint.in_use(busy):
+        client = make_client(model_dir=repository)
+    assert sorted(p.name for p in repository.iterdir()) == sorted([busy.name, TINY, TINY_RS])
+    assert [m["id"] for m in client.get("/models").json()] == [TINY, TINY_RS]

@@ -310,6 +310,22 @@ def test_a_failure_while_writing_leaves_no_folder(tmp_path, monkeypatch):
     assert nothing_written(tmp_path / "repo")
 
 
+def test_an_import_being_written_is_not_taken_for_what_a_crash_left(tmp_path, monkeypatch):
+    """checkpoint.remove_stale (an API starting) while an import writes its hidden folder:
+    what a crash left goes, the import's folder stays and the import succeeds."""
+    (tmp_path / ".import-old-x1").mkdir()
+    load, swept = checkpoint.load, []
+
+    def sweep_then_load(directory, device="cpu"):
+        swept.extend(checkpoint.remove_stale(directory.parent))
+        return load(directory, device)
+
+    monkeypatch.setattr(checkpoint, "load", sweep_then_load)
+    done = importer.import_model(save(net_state()), card(), tmp_path)
+    assert swept == [".import-old-x1"]
+    assert [p.name for p in tmp_path.iterdir()] == ["m"] and done.path == tmp_path / "m"
+
+
 def test_a_repository_that_cannot_be_written_is_the_servers_error_and_keeps_nothing(
         tmp_path, monkeypatch):
     """A file system without renameat2's exchange (EINVAL) is the repository's problem, not the
