@@ -114,6 +114,9 @@ def _parser() -> argparse.ArgumentParser:
     su.add_argument("--alpha", type=float)
     su.add_argument("--radius", type=float)
     su.add_argument("--seed", type=int)
+    su.add_argument("--bound", choices=FIXED_BOUNDS, help="as certify's (server default: "
+                    "clopper-pearson); the server refuses the randomized one with --seed")
+    su.add_argument("--tolerance", type=float, help="as certify's: adaptive, --n a budget")
     su.add_argument("--format", choices=("json", "csv"), default="json")
     su.add_argument("--out", type=Path, help="write results here instead of stdout")
     su.set_defaults(run=_submit)
@@ -129,7 +132,8 @@ def _parser() -> argparse.ArgumentParser:
     t.add_argument("--config", type=Path, help="JSON file with TrainConfig fields")
     for name, typ in (("id", str), ("out", Path), ("arch", str), ("dataset", str),
                       ("split", str), ("sigma", float), ("epochs", int), ("batch-size", int),
-                      ("lr", float), ("train-limit", int), ("seed", int), ("data-root", Path)):
+                      ("lr", float), ("train-limit", int), ("seed", int), ("data-root", Path),
+                      ("loader-workers", int)):
         t.add_argument(f"--{name}", type=typ)
     t.add_argument("--device", default="cpu", help="cpu, cuda, cuda:1 ... (resumes on any)")
     t.set_defaults(run=_train)
@@ -398,7 +402,8 @@ def _submit(args) -> int:
 
     from app.client import Client, ServiceError
 
-    params = {k: getattr(args, k) for k in ("n", "n0", "alpha", "radius", "seed")
+    params = {k: getattr(args, k) for k in ("n", "n0", "alpha", "radius", "seed", "bound",
+                                            "tolerance")
               if getattr(args, k) is not None}
     client = Client(args.url, args.api_key)
     try:
@@ -424,7 +429,7 @@ def _submit(args) -> int:
 def _train(args) -> int:
     fields = json.loads(args.config.read_text()) if args.config else {}
     for key in ("id", "out", "arch", "dataset", "split", "sigma", "epochs", "batch_size", "lr",
-                "train_limit", "seed", "data_root"):
+                "train_limit", "seed", "data_root", "loader_workers"):
         if getattr(args, key) is not None:
             fields[key] = getattr(args, key)
     fields.setdefault("out", Path("runs") / fields.get("id", "model"))

@@ -1,5 +1,6 @@
 """The service as it runs in production, as plain processes: Redis, uvicorn, RQ workers."""
 
+import json
 import os
 import signal
 import time
@@ -110,6 +111,11 @@ def test_client_and_submit_cli(make_stack, tmp_path, capsys):
     rows = out.read_text().splitlines()
     assert rows[0].startswith("name,prediction,radius") and len(rows) == 4
     assert rows[1].split(",")[2] == str(one["radius"])  # same seed, same answer
+    assert main(["submit", str(paths[0]), "--model", TINY, "--url", stack.url, "--n", "300",
+                 "--bound", "randomized-clopper-pearson", "--tolerance", "0.05",
+                 "--out", str(out)]) == 0
+    sent = json.loads(out.read_text())
+    assert sent["bound"] == "randomized-clopper-pearson" and sent["stopping"] != "fixed"
     assert main(["submit", str(paths[0]), "--model", "nope", "--url", stack.url]) == 2
     assert "unknown model" in capsys.readouterr().err
 
