@@ -4,6 +4,7 @@ The root defaults to torchvision's usual download folder (~/.cache/splitz/data, 
 a user with internet gets the real files downloaded there, an offline machine points it at a copy.
 """
 
+import fcntl
 import os
 import tarfile
 from dataclasses import dataclass
@@ -118,10 +119,18 @@ def cache_dir() -> Path:
 
 
 def _extract_once(archive: Path, dest: Path) -> Path:
+    """Extract the archive into dest unless a finished extraction is there. Processes starting
+    together (several trainings) take turns under a lock beside dest: the first extracts, the
+    others wait and then find it done, rather than rewrite files another one is reading."""
     done = dest / ".extracted"
-    if not done.exists():
-        dest.mkdir(parents=True, exist_ok=True)
-        with tarfile.open(archive) as tar:
-            tar.extractall(dest, filter="data")
-        done.touch()
+    if done.exists():
+        return dest
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    with open(dest.parent / f".{dest.name}.lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)  # released when the file closes, or the process dies
+        if not done.exists():
+            dest.mkdir(exist_ok=True)
+            with tarfile.open(archive) as tar:
+                tar.extractall(dest, filter="data")
+            done.touch()
     return dest

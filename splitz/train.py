@@ -28,6 +28,10 @@ from . import checkpoint, data, recipes
 from .nets import SplitModel, create_model
 
 STATE = "train_state.pt"
+# Fields that say where and how a run is carried out, not which model it makes: left out of the
+# card's recorded config, and free to differ when a run resumes (in another folder, with another
+# data copy, on a machine with more cores).
+RUN_ONLY = frozenset({"out", "data_root", "loader_workers"})
 
 
 class TrainConfig(BaseModel):
@@ -62,6 +66,7 @@ class TrainConfig(BaseModel):
     train_limit: int | None = None  # use only the first N training images (quick models)
     seed: int = 0
     data_root: Path | None = None
+    loader_workers: int = Field(0, ge=0)  # DataLoader processes; 0: load in the training one
     description: str = ""
 
     @model_validator(mode="after")
@@ -79,20 +84,22 @@ def train(cfg: TrainConfig, command: str | None = None, device: str = "cpu") -> 
     model.to(device)
     opt = torch.optim.SGD(model.parameters(), lr=cfg.lr, momentum=cfg.momentum,
                           weight_decay=cfg.weight_decay, nesterov=cfg.nesterov)
-    sched = _scheduler(cfg, opt, len(_loader(cfg, train=True)))
+    loader = _loader(cfg, train=True, device=torch.device(device))  # one for all epochs
+    sched = _scheduler(cfg, opt, len(loader))
     start_epoch, elapsed = _resume(cfg, model, opt, sched)
     for epoch in range(start_epoch, cfg.epochs):
         t0 = time.perf_counter()
-        stats = _epoch(cfg, model, opt, sched, epoch)
+        stats = _epoch(cfg, model, opt, sched, loader, epoch)
         elapsed += time.perf_counter() - t0
         _save_state(cfg, model, opt, sched, epoch + 1, elapsed)
         tqdm.write(f"epoch {epoch + 1}/{cfg.epochs} " + json.dumps(stats))
+    del loader  # its worker processes, if any, end here
     acc = clean_accuracy(model, cfg)
     card = checkpoint.ModelCard(
         id=cfg.id, arch=cfg.arch, arch_kwargs=cfg.arch_kwargs, dataset=cfg.dataset,
         split=cfg.split, sigma=cfg.sigma, description=cfg.description,
         training={"command": command or shlex.join(["splitz", *sys.argv[1:]]),
-                  "config": json.loads(cfg.model_dump_json(exclude={"out", "data_root"})),
+                  "config": json.loads(cfg.model_dump_json(exclude=RUN_ONLY)),
                   "train_seconds": round(elapsed, 1),
                   "hardware": _hardware(torch.device(device))},
         metrics={"clean_accuracy_noisy": acc},
@@ -175,30 +182,35 @@ def clean_accuracy(model: SplitModel, cfg: TrainConfig, noise: bool = True) -> f
     """Accuracy of the base classifier on the test set, with one noise draw at the split."""
     model.eval()
     correct = total = 0
+    device = _device(model)
     with torch.inference_mode():
-        for x, y in _loader(cfg, train=False):
-            x, y = x.to(_device(model)), y.to(_device(model))
+        for x, y in _loader(cfg, train=False, device=device):
+            x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
             correct += int((model(x, noise=noise).argmax(1) == y).sum())
             total += len(y)
     return round(correct / total, 4)
 
 
-def _epoch(cfg: TrainConfig, model: SplitModel, opt, sched, epoch: int) -> dict[str, float]:
+def _epoch(cfg: TrainConfig, model: SplitModel, opt, sched, loader: DataLoader,
+           epoch: int) -> dict[str, float]:
     model.train()
     ramp = min(1.0, epoch / max(1, cfg.ramp_epochs))
     kappa = cfg.kappa_start + (cfg.kappa_end - cfg.kappa_start) * ramp
     gamma = cfg.gamma_end * ramp
     penalize = cfg.split != "input"
-    sums = {"loss": 0.0, "ce": 0.0, "lip": 0.0, "stab": 0.0, "acc": 0.0}
-    loader = _loader(cfg, train=True)
+    device = _device(model)
+    # Summed on the device, read once per epoch: a read every batch would make the host wait
+    # for the GPU before it queues the next batch's work.
+    names = ("loss", "ce", "lip", "stab", "acc")
+    sums = torch.zeros(len(names), dtype=torch.float64, device=device)
     bar = tqdm(loader, desc=f"epoch {epoch + 1}", unit="batch", leave=False)
-    for x, y in bar:
-        x, y = x.to(_device(model)), y.to(_device(model))
+    for i, (x, y) in enumerate(bar):
+        x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
         logits = noisy_logits(model, x, cfg.noise_copies)
         y_all = y.repeat(cfg.noise_copies)
         ce = F.cross_entropy(logits.detach(), y_all)
         loss = objective = recipe_loss(cfg, logits, y)
-        lip = stab = torch.zeros(())
+        lip = stab = torch.zeros((), device=device)
         if penalize:
             lip = lipschitz_estimate(model, x, gamma, cfg.power_iters,
                                      cfg.mask_temperature).mean()
@@ -211,11 +223,11 @@ def _epoch(cfg: TrainConfig, model: SplitModel, opt, sched, epoch: int) -> dict[
         loss.backward()
         opt.step()
         sched.step()
-        for k, v in (("loss", loss), ("ce", ce), ("lip", lip), ("stab", stab),
-                     ("acc", (logits.argmax(1) == y_all).float().mean())):
-            sums[k] += float(v.detach())
-        bar.set_postfix(ce=f"{ce.item():.3f}", lip=f"{lip.item():.3f}", refresh=False)
-    stats = {k: round(v / len(loader), 4) for k, v in sums.items()}
+        acc = (logits.argmax(1) == y_all).float().mean()
+        sums += torch.stack([loss.detach(), ce, lip.detach(), stab.detach(), acc]).double()
+        if i % 50 == 0:
+            bar.set_postfix(ce=f"{ce.item():.3f}", lip=f"{lip.item():.3f}", refresh=False)
+    stats = {k: round(v / len(loader), 4) for k, v in zip(names, sums.tolist(), strict=True)}
     if not penalize:  # the baseline: no penalty, no schedule to report
         return {k: stats[k] for k in ("loss", "ce", "acc")}
     return stats | {"kappa": round(kappa, 3), "gamma": round(gamma, 4)}
@@ -236,13 +248,39 @@ def _hardware(device: torch.device) -> str:
             f"torch {torch.__version__}")
 
 
-def _loader(cfg: TrainConfig, train: bool) -> DataLoader:
+def _loader(cfg: TrainConfig, train: bool, device: torch.device) -> DataLoader:
+    """With loader_workers > 0, that many processes decode and augment the images, kept for all
+    epochs of the training loader (persistent: each one's random augmentations go on from epoch
+    to epoch, where workers made anew would be seeded alike and repeat them), into pinned memory
+    when the model is on a GPU."""
     ds = data.load(cfg.dataset, train=train, root=cfg.data_root, augment=train)
     if train and cfg.train_limit:
         ds = Subset(ds, range(min(cfg.train_limit, len(ds))))
-    gen = torch.Generator().manual_seed(cfg.seed)
-    return DataLoader(ds, batch_size=cfg.batch_size if train else 1000, shuffle=train,
-                      generator=gen, drop_last=train)
+    gen = torch.Generator().manual_seed(cfg.seed)  # the workers' seeds
+    workers = cfg.loader_workers
+    return DataLoader(ds, batch_size=cfg.batch_size if train else 1000,
+                      sampler=_SameOrder(len(ds), cfg.seed) if train else None,
+                      generator=gen, drop_last=train, num_workers=workers,
+                      persistent_workers=train and workers > 0,
+                      pin_memory=workers > 0 and device.type == "cuda")
+
+
+class _SameOrder(torch.utils.data.Sampler[int]):
+    """One shuffled order, the same every epoch: the order training has always used (a
+    DataLoader(shuffle=True) made anew each epoch with a generator seeded alike, whose first
+    draw seeded its workers), now independent of the loader's workers. Augmentations still
+    differ from epoch to epoch."""
+
+    def __init__(self, n: int, seed: int):
+        self.n, self.seed = n, seed
+
+    def __len__(self) -> int:
+        return self.n
+
+    def __iter__(self):
+        gen = torch.Generator().manual_seed(self.seed)
+        torch.empty((), dtype=torch.int64).random_(generator=gen)
+        return iter(torch.randperm(self.n, generator=gen).tolist())
 
 
 def _save_state(cfg, model, opt, sched, epoch: int, elapsed: float) -> None:
@@ -259,7 +297,8 @@ def _resume(cfg, model, opt, sched) -> tuple[int, float]:
     if not path.exists():
         return 0, 0.0
     state = torch.load(path, weights_only=True, map_location=_device(model))
-    if TrainConfig.model_validate_json(state["config"]).model_dump() != cfg.model_dump():
+    saved = TrainConfig.model_validate_json(state["config"])  # fields added since: defaults
+    if saved.model_dump(exclude=RUN_ONLY) != cfg.model_dump(exclude=RUN_ONLY):
         raise ValueError(f"{path} was written with another config; use a new --out")
     model.load_state_dict(state["model"])
     opt.load_state_dict(state["opt"])

@@ -1,5 +1,7 @@
 import io
+import multiprocessing
 import tarfile
+import time
 
 import numpy as np
 import pytest
@@ -39,6 +41,35 @@ def test_cifar10_jpeg_copy_is_extracted_once_with_standard_labels(tmp_path, monk
     assert x.shape == (3, 32, 32) and y == 3
     assert (cache / "cifar10-jpeg" / ".extracted").exists()
     assert len(data.load("cifar10", True, root, augment=True)) == 10
+
+
+def _extract_slowly(archive, dest, log):
+    real = tarfile.TarFile.extractall
+
+    def slow(self, *a, **k):  # long enough for the others to arrive meanwhile
+        with open(log, "a") as f:
+            f.write("extract\n")
+        time.sleep(0.5)
+        return real(self, *a, **k)
+
+    tarfile.TarFile.extractall = slow
+    data._extract_once(archive, dest)
+    assert (dest / "train").is_dir()  # complete once it returns
+
+
+def test_processes_starting_together_extract_the_copy_once(tmp_path):
+    root, dest, log = tmp_path / "data", tmp_path / "cache" / "cifar10-jpeg", tmp_path / "log"
+    fake_cifar10(root)
+    ctx = multiprocessing.get_context("fork")
+    procs = [ctx.Process(target=_extract_slowly, args=(root / "cifar10-jpeg.tar.xz", dest, log))
+             for _ in range(3)]
+    for p in procs:
+        p.start()
+    for p in procs:
+        p.join(30)
+    assert [p.exitcode for p in procs] == [0, 0, 0]
+    assert log.read_text() == "extract\n"
+    assert (dest / ".extracted").exists()
 
 
 def test_first_1000_cifar10_test_images_exact_and_their_jpeg_twins(tmp_path, monkeypatch):

@@ -1,5 +1,9 @@
+import json
+from pathlib import Path
+
 import pytest
 import torch
+from torch.utils.data import DataLoader
 
 from splitz import checkpoint, data, train
 from splitz.lipschitz import F1Bound
@@ -38,11 +42,11 @@ def test_resumes_after_a_kill(tmp_path, fake_mnist, monkeypatch):
     cfg = config(tmp_path, fake_mnist, epochs=3)
     real_epoch, calls = train._epoch, []
 
-    def dying_epoch(cfg, model, opt, sched, epoch):
+    def dying_epoch(cfg, model, opt, sched, loader, epoch):
         calls.append(epoch)
         if epoch == 1:
             raise KeyboardInterrupt  # killed during the second epoch
-        return real_epoch(cfg, model, opt, sched, epoch)
+        return real_epoch(cfg, model, opt, sched, loader, epoch)
 
     monkeypatch.setattr(train, "_epoch", dying_epoch)
     with pytest.raises(KeyboardInterrupt):
@@ -53,6 +57,66 @@ def test_resumes_after_a_kill(tmp_path, fake_mnist, monkeypatch):
     assert calls == [0, 1, 1, 2]  # resumed at the epoch that was killed
     with pytest.raises(ValueError, match="another config"):
         train.train(config(tmp_path, fake_mnist, epochs=3, lr=0.1))
+
+
+def _state_for(cfg):
+    model = create_model("lenet_small", "mnist", "input", sigma=0.5)
+    opt = torch.optim.SGD(model.parameters(), lr=cfg.lr)
+    return model, opt, train._scheduler(cfg, opt, steps_per_epoch=4)
+
+
+def test_a_run_saved_before_loader_workers_resumes_elsewhere_with_workers(tmp_path):
+    old = train.TrainConfig(id="t", out=tmp_path / "gpu" / "t", arch="lenet_small",
+                            split="input", epochs=3)
+    train._save_state(old, *_state_for(old), epoch=2, elapsed=5.0)
+    path = old.out / train.STATE
+    state = torch.load(path, weights_only=True)
+    fields = json.loads(state["config"])
+    del fields["loader_workers"]  # as written before the field existed
+    state["config"] = json.dumps(fields)
+    moved = tmp_path / "here" / "t"  # fetched from the GPU machine into another folder
+    moved.mkdir(parents=True)
+    torch.save(state, moved / train.STATE)
+
+    now = old.model_copy(update={"out": moved, "loader_workers": 4, "data_root": tmp_path})
+    assert train._resume(now, *_state_for(now)) == (2, 5.0)
+    with pytest.raises(ValueError, match="another config"):  # one that changes the model
+        changed = now.model_copy(update={"lr": 0.5})
+        train._resume(changed, *_state_for(changed))
+
+
+def test_loader_workers_keep_the_order_and_draw_new_augmentations_each_epoch(monkeypatch):
+    class Noisy(torch.utils.data.Dataset):  # an "augmentation": a fresh draw per access
+        def __len__(self):
+            return 24
+
+        def __getitem__(self, i):
+            return torch.rand(()), i
+
+    monkeypatch.setattr(train.data, "load", lambda *a, **k: Noisy())
+    # the order of a loader made anew each epoch, as training ran before loader_workers
+    before = DataLoader(Noisy(), batch_size=8, shuffle=True,
+                        generator=torch.Generator().manual_seed(0))
+    order = torch.cat([i for _, i in before]).tolist()
+    assert order != list(range(24))
+    for workers in (0, 2):
+        cfg = train.TrainConfig(id="t", out=Path("unused"), batch_size=8,
+                                loader_workers=workers)
+        loader = train._loader(cfg, train=True, device=torch.device("cpu"))
+        assert loader.persistent_workers == (workers > 0) and not loader.pin_memory
+        (draws0, order0), (draws1, order1) = (
+            [torch.cat(t) for t in zip(*loader, strict=True)] for _ in range(2))
+        assert order0.tolist() == order1.tolist() == order
+        assert not torch.equal(draws0, draws1)
+        del loader
+
+
+@pytest.mark.slow
+def test_loader_workers_train_and_stay_off_the_card(tmp_path, fake_mnist):
+    cfg = config(tmp_path, fake_mnist, arch="lenet_small", split="input", loader_workers=2)
+    card = checkpoint.load(train.train(cfg)).card
+    assert {"loader_workers", "out", "data_root"}.isdisjoint(card.training["config"])
+    train.train(cfg.model_copy(update={"loader_workers": 0}))  # the same run, done: resumes
 
 
 def test_lipschitz_estimate_is_below_the_sound_bound(lenet):
