@@ -64,6 +64,9 @@ class TrainConfig(BaseModel):
     mask_temperature: float = 0.0  # > 0: a soft mask in the penalty (see lipschitz_estimate)
     stability_weight: float = Field(0.0, ge=0)  # beta * stability_slack on B(x, gamma)
     train_limit: int | None = None  # use only the first N training images (quick models)
+    # a new batch order each epoch (published recipes); False: one shuffled order for every
+    # epoch, what the models trained before this field used
+    reshuffle: bool = False
     seed: int = 0
     data_root: Path | None = None
     loader_workers: int = Field(0, ge=0)  # DataLoader processes; 0: load in the training one
@@ -89,6 +92,7 @@ def train(cfg: TrainConfig, command: str | None = None, device: str = "cpu") -> 
     start_epoch, elapsed = _resume(cfg, model, opt, sched)
     for epoch in range(start_epoch, cfg.epochs):
         t0 = time.perf_counter()
+        loader.sampler.set_epoch(epoch)
         stats = _epoch(cfg, model, opt, sched, loader, epoch)
         elapsed += time.perf_counter() - t0
         _save_state(cfg, model, opt, sched, epoch + 1, elapsed)
@@ -259,25 +263,31 @@ def _loader(cfg: TrainConfig, train: bool, device: torch.device) -> DataLoader:
     gen = torch.Generator().manual_seed(cfg.seed)  # the workers' seeds
     workers = cfg.loader_workers
     return DataLoader(ds, batch_size=cfg.batch_size if train else 1000,
-                      sampler=_SameOrder(len(ds), cfg.seed) if train else None,
+                      sampler=_Order(len(ds), cfg.seed, cfg.reshuffle) if train else None,
                       generator=gen, drop_last=train, num_workers=workers,
                       persistent_workers=train and workers > 0,
                       pin_memory=workers > 0 and device.type == "cuda")
 
 
-class _SameOrder(torch.utils.data.Sampler[int]):
-    """One shuffled order, the same every epoch: the order training has always used (a
+class _Order(torch.utils.data.Sampler[int]):
+    """The training order, a function of (seed, epoch) so a resumed run continues it: with
+    `reshuffle`, a new permutation each epoch; without, one permutation for all epochs (as a
     DataLoader(shuffle=True) made anew each epoch with a generator seeded alike, whose first
-    draw seeded its workers), now independent of the loader's workers. Augmentations still
-    differ from epoch to epoch."""
+    draw seeded its workers: what training did before `reshuffle`)."""
 
-    def __init__(self, n: int, seed: int):
-        self.n, self.seed = n, seed
+    def __init__(self, n: int, seed: int, reshuffle: bool):
+        self.n, self.seed, self.reshuffle, self.epoch = n, seed, reshuffle, 0
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
 
     def __len__(self) -> int:
         return self.n
 
     def __iter__(self):
+        if self.reshuffle:
+            gen = torch.Generator().manual_seed(self.seed * 100_003 + self.epoch)
+            return iter(torch.randperm(self.n, generator=gen).tolist())
         gen = torch.Generator().manual_seed(self.seed)
         torch.empty((), dtype=torch.int64).random_(generator=gen)
         return iter(torch.randperm(self.n, generator=gen).tolist())

@@ -111,6 +111,20 @@ def test_loader_workers_keep_the_order_and_draw_new_augmentations_each_epoch(mon
         del loader
 
 
+def test_reshuffle_draws_a_new_order_each_epoch_that_a_resume_repeats():
+    fixed, fresh, again = (train._Order(24, 0, reshuffle) for reshuffle in (False, True, True))
+    orders = {}
+    for epoch in (0, 1):
+        for name, sampler in (("fixed", fixed), ("fresh", fresh)):
+            sampler.set_epoch(epoch)
+            orders[name, epoch] = list(sampler)
+    assert orders["fixed", 0] == orders["fixed", 1]  # the order training used before the field
+    assert orders["fresh", 0] != orders["fresh", 1]
+    assert sorted(orders["fresh", 1]) == list(range(24))
+    again.set_epoch(1)  # a run resumed at epoch 1 sees what it would have seen
+    assert list(again) == orders["fresh", 1]
+
+
 @pytest.mark.slow
 def test_loader_workers_train_and_stay_off_the_card(tmp_path, fake_mnist):
     cfg = config(tmp_path, fake_mnist, arch="lenet_small", split="input", loader_workers=2)
