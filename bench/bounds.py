@@ -1,8 +1,12 @@
 """The sequential bounds alone, on simulated votes: which plan decides radius queries and adaptive
 certification with the fewest samples while agreeing with fixed-n CERTIFY.
 
-    python bench/bounds.py --model models/mnist-cohen-s1.0 \
-        --tsv models/mnist-cohen-s1.0/eval-every10-first100-n100000.tsv --repeats 3
+    python bench/bounds.py --model docs/retired/mnist-cohen-s1.0 \
+        --tsv docs/retired/mnist-cohen-s1.0/eval-every10-first100-n100000.tsv --repeats 3
+
+Only the model's card is read (sigma, batch size), so a retired model's folder in docs/retired
+serves as well as a shipped one in models/ (e.g. models/cifar10-cohen-s0.5-quick with its
+eval-exact1000-every20-n100000.tsv).
 
 No network runs: each image of an n = 100,000 evaluation TSV gets a binomial vote stream, one
 batch at a time, at the pA its fixed-n run measured (the share that gives its pA_lower), and each
@@ -67,7 +71,8 @@ def run(plan: SequentialBound, counts: np.ndarray, sizes: np.ndarray, n: int, st
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__)
-    p.add_argument("--model", required=True, help="model directory (sigma, batch size)")
+    p.add_argument("--model", required=True,
+                   help="model directory; only its card.json is read (sigma, batch size)")
     p.add_argument("--tsv", required=True, help="an evaluation TSV at n = --n")
     p.add_argument("--n", type=int, default=100_000)
     p.add_argument("--alpha", type=float, default=0.001)

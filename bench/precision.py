@@ -2,8 +2,8 @@
 certified accuracy may move by at most one point at every radius; the certificate is then for the
 bfloat16 classifier, which the card records.
 
-    python bench/precision.py --model models/mnist-cohen-s1.0 --out-dir precision-mnist-cohen-s1.0 \
-        [--limit 100 --n 10000] [--record]
+    python bench/precision.py --model models/mnist-splitz-quick \
+        --out-dir precision-mnist-splitz-quick [--limit 100 --n 10000] [--record]
 
 Evaluates the same images with the same seeds and batch size in float32 and bfloat16 (two
 `splitz evaluate` TSVs in --out-dir, resumed if present), prints both tables and the largest

@@ -1,8 +1,11 @@
 """Samples per image for the same certificates: fixed-n CERTIFY vs adaptive certify vs radius
 queries, on a standard test subset, in one run (issue 14, item 4).
 
-    python bench/samples.py --model models/mnist-cohen-s1.0 --out samples-mnist-cohen.tsv \
-        --fixed models/mnist-cohen-s1.0/eval-every10-first100-n100000.tsv [--limit 100]
+    python bench/samples.py --model models/cifar10-cohen-s0.5-quick --out samples-cifar10.tsv \
+        --fixed models/cifar10-cohen-s0.5-quick/eval-exact1000-every20-n100000.tsv [--limit 50]
+
+(docs/performance.md's MNIST figures are of mnist-cohen-s1.0 and mnist-splitz-s1.0-theta1-g1,
+since retired: docs/retired/README.md restores their weights into models/<id>.)
 
 Image i (test images 0, every, 2 every, ... of --data) is certified adaptively (`--tolerance`,
 budget --n) and queried at each radius of --radii (early stopping, at most --n votes), all with

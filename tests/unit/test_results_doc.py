@@ -75,3 +75,36 @@ def test_splitz_meets_only_the_baseline_trained_with_its_recipe(results, tmp_pat
     assert (f"- {label} (σ: SPLITZ 1; baseline 0.5): SPLITZ wins at ε = 1.25, 1.5, 1.75, 2; "
             "ties at ε = 0, 0.25, 0.5, 0.75, 1.") in words
     assert "loses" not in words
+
+
+def _model(source: Path, folder: Path) -> None:
+    """A copy of a model folder's card and TSVs (no weights) under folder/<id>."""
+    (folder / source.name).mkdir(parents=True)
+    for f in [source / "card.json", *source.glob("*.tsv")]:
+        (folder / source.name / f.name).write_bytes(f.read_bytes())
+
+
+def test_retired_models_keep_their_runs_marked_and_are_not_measured(results, tmp_path):
+    shipped, retired = tmp_path / "models", tmp_path / "retired"
+    _model(results.MODELS / "mnist-splitz-quick", shipped)  # the tests' model, shipped for good
+    for name in ("mnist-cohen-s0.5", "mnist-splitz-s1.0-theta1-g1"):
+        _model(results.RETIRED / name, retired)
+    _model(results.RETIRED / "mnist-splitz-s1.0-theta1-g1", shipped)  # restored: counts once
+    (retired / "README.md").write_text("not a model\n")
+    groups = results.runs(shipped, retired)
+    assert sorted(groups) == [("mnist", 0.5), ("mnist", 1.0)]
+    assert [(r.name, r.retired, r.splitz) for r in groups[("mnist", 0.5)]] == [
+        ("mnist-splitz-quick (eval-every100-n10000)", False, True),
+        ("mnist-splitz-quick (eval-every100-n10000-bf16)", False, True),
+        ("mnist-cohen-s0.5 (eval-every100-n10000, retired)", True, False)]
+    s1 = groups[("mnist", 1.0)]
+    assert [r.name for r in s1] == [
+        "mnist-splitz-s1.0-theta1-g1 (eval-every100-n10000, retired)",
+        "mnist-splitz-s1.0-theta1-g1 (eval-every10-first100-n100000, retired)"]
+    assert all(r.tsv.parent == retired / "mnist-splitz-s1.0-theta1-g1" and r.tsv.is_file()
+               for r in s1)
+    # no retired weights anywhere: the locality table names the model instead of loading it
+    text = "\n".join(results.locality({("mnist", 1.0): s1}, shipped))
+    assert ("the retired mnist-splitz-s1.0-theta1-g1. Their last rows, measured with the "
+            "weights, are in docs/retired/README.md") in text
+    assert "\n| mnist-splitz" not in text  # no row measured
