@@ -285,11 +285,10 @@ class _Order(torch.utils.data.Sampler[int]):
         return self.n
 
     def __iter__(self):
-        if self.reshuffle:
-            gen = torch.Generator().manual_seed(self.seed * 100_003 + self.epoch)
-            return iter(torch.randperm(self.n, generator=gen).tolist())
-        gen = torch.Generator().manual_seed(self.seed)
-        torch.empty((), dtype=torch.int64).random_(generator=gen)
+        gen = torch.Generator().manual_seed(
+            self.seed * 100_003 + self.epoch if self.reshuffle else self.seed)
+        if not self.reshuffle:  # the old loader's first draw, which seeded its workers
+            torch.empty((), dtype=torch.int64).random_(generator=gen)
         return iter(torch.randperm(self.n, generator=gen).tolist())
 
 
