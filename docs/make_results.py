@@ -9,6 +9,7 @@ models (models/<id>/) and of the retired ones (docs/retired/<id>/: card and TSVs
 only in git history), the latter marked "retired" in the run name.
 """
 
+import csv
 from collections import defaultdict
 from functools import cache
 from pathlib import Path
@@ -24,6 +25,7 @@ ROOT = Path(__file__).resolve().parents[1]
 DOCS = ROOT / "docs"
 MODELS = ROOT / "models"
 RETIRED = DOCS / "retired"  # retired models: card.json, train_config.json, TSVs; no weights
+PUBLISHED_LOGS = DOCS / "published"  # the published models' per-image certify logs (extract.py)
 # ball radii at which the locality table counts units that can change (issue 12: 0 to 1.5)
 GAMMAS = (0.0, 0.25, 0.5, 1.0, 1.5)
 LOCALITY_IMAGES = 10  # the first evaluated images of each SPLITZ model's largest run
@@ -61,6 +63,7 @@ class Run(NamedTuple):
     recipe: str = "gaussian"  # the training recipe: SPLITZ and baseline compare under the same
     sigma: float = 0.0
     retired: bool = False  # a model of docs/retired: its weights are only in git history
+    tag: str = "gaussian"  # the recipe with its weight, as docs/published names the logs
 
 
 def runs(models: Path = MODELS, retired: Path = RETIRED) -> dict[tuple[str, float], list[Run]]:
@@ -74,10 +77,14 @@ def runs(models: Path = MODELS, retired: Path = RETIRED) -> dict[tuple[str, floa
         for key, m in card.metrics.items():
             if isinstance(m, dict) and "tsv" in m:
                 group = (m.get("data", card.dataset), card.sigma)
-                recipe = card.training.get("config", {}).get("recipe", "gaussian")
+                config = card.training.get("config", {})
+                recipe = config.get("recipe", "gaussian")
+                tag = (f"{recipe}-lambda{config['consistency_lambda']:g}"
+                       if recipe == "consistency" else recipe)
                 name = f"{card.id} ({key}, retired)" if is_retired else f"{card.id} ({key})"
                 out[group].append(Run(name, {"data": card.dataset} | m, folder / m["tsv"],
-                                      card.split != "input", recipe, card.sigma, is_retired))
+                                      card.split != "input", recipe, card.sigma, is_retired,
+                                      tag))
     return dict(sorted(out.items()))
 
 
@@ -176,7 +183,9 @@ def main() -> None:
              "small subsets at n = 10,000 (radii cap near 1.6 at σ = 0.5). The n = 100,000 runs "
              "take the first images of the standard subsets (MNIST: every 10th test image; "
              "CIFAR-10: every 20th, here the exact-pixel twins of those among the first 1000), "
-             "not all 1000 / 500 of them as the published numbers of DESIGN.md §2 do; "
+             "not all 1000 / 500 of them as the published numbers of DESIGN.md §2 do (the first "
+             "MNIST images are harder: the section \"On the same images as the published "
+             "models\" compares with the published models on exactly the images evaluated); "
              "`splitz evaluate` resumes its TSV, so a run's command with a larger `--limit` "
              "extends it. Runs "
              "are grouped by data set and σ; where a group has a SPLITZ model and a baseline "
@@ -190,6 +199,7 @@ def main() -> None:
     summaries = {r.name: evaluate.summarize(evaluate.read_tsv(r.tsv))
                  for group in groups.values() for r in group}
     lines += published(groups, summaries)
+    lines += same_images(groups, summaries)
     pairs = {key: same_recipe(group, summaries) for key, group in groups.items()}
     lines += verdict([r for group in groups.values() for r in group], summaries)
     for (data, sigma), group in groups.items():
@@ -233,10 +243,57 @@ def published(groups: dict[tuple[str, float], list[Run]],
     return lines
 
 
-def _cell(value: float | tuple[float, float] | None) -> str:
+def same_images(groups: dict[tuple[str, float], list[Run]], summaries: dict[str, evaluate.Summary],
+                logs: Path = PUBLISHED_LOGS) -> list[str]:
+    """Each baseline run here under the published protocol beside the published models of the
+    same recipe and σ (docs/published: their per-image logs) on exactly its images, and on the
+    whole standard subset: a partial run compares with them without the subset's luck."""
+    radii = evaluate.RADII
+    lines = ["## On the same images as the published models", "",
+             "The baselines here evaluated like the published logs (n0 = 100, n = 100,000, "
+             "α = 0.001), beside the published models of the same recipe and σ (several training "
+             "runs each: min–max) on the same test images, and on all of the standard subset. "
+             "Logs: docs/published (jh-jeong/smoothing-consistency, MIT License).", "",
+             "| run | images | " + " | ".join(f"ε={r:g}" for r in radii) + " | ACR |",
+             "|" + "---|" * (len(radii) + 3)]
+    for (data, sigma), group in groups.items():
+        for r in group:
+            m, source = r.meta, logs / f"{data}-{r.tag}-s{sigma}.tsv"
+            if r.splitz or not source.is_file() or (m["n0"], m["n"], m["alpha"]) != (
+                    100, 100_000, 0.001):
+                continue
+            by_run = defaultdict(dict)  # the published run -> image index -> its log row
+            with open(source, newline="") as f:
+                for row in csv.DictReader((line for line in f if not line.startswith("#")),
+                                          delimiter="\t"):
+                    by_run[row["run"]][int(row["idx"])] = row
+            ours = {int(row["idx"]) for row in evaluate.read_tsv(r.tsv)}
+            if any(not ours <= set(rows) for rows in by_run.values()):
+                continue  # images the logs do not hold
+            here = summaries[r.name]
+            lines.append(f"| {r.name} | {here.images} | "
+                         + " | ".join(f"{100 * here.certified_accuracy[e]:.1f}" for e in radii)
+                         + f" | {here.average_certified_radius:.3f} |")
+            for label, pick in (("same images", ours), ("whole subset", None)):
+                pub = [evaluate.summarize([rows[i] for i in (pick or sorted(rows))])
+                       for rows in by_run.values()]
+                lines.append(f"| published {r.tag}, σ = {sigma}, {label} ({len(pub)} runs) | "
+                             f"{pub[0].images} | " + " | ".join(_cell(_span(
+                                 [100 * p.certified_accuracy[e] for p in pub])) for e in radii)
+                             + f" | {_cell(_span([p.average_certified_radius for p in pub]), 3)} |")
+    return [*lines, ""]
+
+
+def _span(values: list[float]) -> float | tuple[float, float]:
+    return (min(values), max(values)) if max(values) > min(values) else values[0]
+
+
+def _cell(value: float | tuple[float, float] | None, digits: int = 1) -> str:
     if value is None:
         return ""
-    return f"{value[0]:.1f}–{value[1]:.1f}" if isinstance(value, tuple) else f"{value:.1f}"
+    if isinstance(value, tuple):
+        return f"{value[0]:.{digits}f}–{value[1]:.{digits}f}"
+    return f"{value:.{digits}f}"
 
 
 def locality(groups: dict[tuple[str, float], list[Run]], models: Path = MODELS) -> list[str]:

@@ -108,3 +108,28 @@ def test_retired_models_keep_their_runs_marked_and_are_not_measured(results, tmp
     assert ("the retired mnist-splitz-s1.0-theta1-g1. Their last rows, measured with the "
             "weights, are in docs/retired/README.md") in text
     assert "\n| mnist-splitz" not in text  # no row measured
+
+
+def test_baselines_meet_the_published_logs_on_their_own_images(results, tmp_path):
+    logs = tmp_path / "published"
+    logs.mkdir()
+    # two published runs on images 0..3 (radius 0: abstained); our runs cover images 0 and 1
+    (logs / "mnist-gaussian-s0.5.tsv").write_text(
+        "# source\nrun\tidx\tlabel\tpredict\tradius\tcorrect\n"
+        "a\t0\t1\t1\t1.0\t1\na\t1\t2\t2\t0.3\t1\na\t2\t3\t3\t2.0\t1\na\t3\t4\t4\t2.0\t1\n"
+        "b\t0\t1\t1\t0.5\t1\nb\t1\t2\t0\t0.4\t0\nb\t2\t3\t3\t2.0\t1\nb\t3\t4\t4\t2.0\t1\n")
+    ours = _run(results, tmp_path, "cohen", [1.0, 1.0], False, every=1)
+    dev = _run(results, tmp_path, "cohen-dev", [1.0, 1.0], False, every=1, n=10_000)
+    split = _run(results, tmp_path, "splitz", [1.0, 1.0], True, every=1)
+    other = _run(results, tmp_path, "cohen-more", [1.0] * 5, False, every=1)  # image 4: no log
+    group = {("mnist", 0.5): [ours, dev, split._replace(sigma=0.5), other]}
+    summaries = {r.name: evaluate.summarize(evaluate.read_tsv(r.tsv))
+                 for r in group[("mnist", 0.5)]}
+    rows = [line for line in results.same_images(group, summaries, logs) if line.startswith("| ")]
+    assert [row.split(" | ")[0] for row in rows[1:]] == [
+        "| cohen", "| published gaussian, σ = 0.5, same images (2 runs)",
+        "| published gaussian, σ = 0.5, whole subset (2 runs)"]  # n = 10,000, SPLITZ: no rows
+    same, whole = rows[2].split(" | "), rows[3].split(" | ")
+    # run a certifies images 0 and 1 up to 1.0 and 0.3; run b image 0 up to 0.5, image 1 wrong
+    assert same[1:8] == ["2", "50.0–100.0", "50.0–100.0", "50.0", "0.0–50.0", "0.0–50.0", "0.0"]
+    assert whole[1] == "4" and whole[-1] == "1.125–1.325 |"  # ACR (0.5+0+2+2)/4, (1+0.3+2+2)/4
