@@ -99,7 +99,8 @@ def best_by_protocol(group: list[Run], summaries: dict[str, evaluate.Summary]
     absent)."""
     by_protocol = defaultdict(list)
     for r in group:
-        by_protocol[(r.meta["data"], r.meta["every"], r.meta["images"], r.meta["n"])].append(r)
+        m = r.meta
+        by_protocol[(m["data"], m["every"], m.get("order", "index"), m["images"], m["n"])].append(r)
     out = {}
     for _, same in sorted(by_protocol.items()):
         label = _protocol(same[0])
@@ -114,7 +115,8 @@ def best_by_protocol(group: list[Run], summaries: dict[str, evaluate.Summary]
 
 def _protocol(r: Run) -> str:
     m = r.meta
-    return f"{m['data']}, {m['images']} images (every {m['every']}), n = {m['n']:,}"
+    order = "" if m.get("order", "index") == "index" else f", {m['order']} order"
+    return f"{m['data']}, {m['images']} images (every {m['every']}{order}), n = {m['n']:,}"
 
 
 def same_recipe(group: list[Run], summaries: dict[str, evaluate.Summary]) -> dict[str, Sides]:

@@ -71,6 +71,10 @@ def _parser() -> argparse.ArgumentParser:
     ev.add_argument("--every", type=_positive_int, default=None,
                     help="take every k-th test image (20 for CIFAR-10 = 500, 10 for MNIST)")
     ev.add_argument("--limit", type=_positive_int, help="at most this many images")
+    ev.add_argument("--order", choices=evaluate.ORDERS, default="index",
+                    help="index (default) or spread: one fixed shuffle of the subset, so that any "
+                         "first images are a uniform sample of it and a partial run estimates "
+                         "the whole")
     ev.add_argument("--n", type=_positive_int, default=100_000)
     ev.add_argument("--n0", type=_positive_int, default=100)
     ev.add_argument("--alpha", type=float, default=0.001)
@@ -357,12 +361,13 @@ def _evaluate(args) -> int:
     every = args.every or {"cifar10": 20, "mnist": 10}.get(dataset, 1)
     summary = evaluate.evaluate(loaded, args.out, every, args.limit, args.n0, args.n, args.alpha,
                                 args.batch, args.seed, args.data_root, args.device, dataset,
-                                args.precision)
+                                args.precision, args.order)
     print(evaluate.markdown_table({loaded.card.id: summary}))
     if args.record:
         card = checkpoint.read_card(args.model)  # fresh: another run may have recorded meanwhile
         card.metrics[args.out.stem] = {
-            "tsv": args.out.name, "data": dataset, "every": every, "images": summary.images,
+            "tsv": args.out.name, "data": dataset, "every": every, "order": args.order,
+            "images": summary.images,
             "n0": args.n0, "n": args.n, "alpha": args.alpha, "seed": args.seed,
             "batch": args.batch or loaded.card.batch_size,
             "precision": args.precision or loaded.card.precision,

@@ -1,6 +1,7 @@
 """Certified accuracy on a fixed test subset: a TSV per image, a summary table, and plots."""
 
 import csv
+import random
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -15,6 +16,7 @@ from .stats import text_down, text_up
 
 COLUMNS = ["idx", "label", "predict", "radius", "correct", "time", "L", "pA_lower"]
 RADII = tuple(round(0.25 * i, 2) for i in range(11))  # 0, 0.25, ..., 2.5
+ORDERS = ("index", "spread")
 
 
 @dataclass(frozen=True)
@@ -27,9 +29,10 @@ class Summary:
 def evaluate(loaded: LoadedModel, out: Path, every: int, limit: int | None = None,
              n0: int = 100, n: int = 100_000, alpha: float = 0.001, batch_size: int | None = None,
              seed: int = 0, data_root: Path | None = None, device: str = "cpu",
-             dataset: str | None = None, precision: str | None = None) -> Summary:
-    """Certify test images 0, every, 2*every, ... of `dataset` (default: the card's); resumes an
-    interrupted TSV where it stopped."""
+             dataset: str | None = None, precision: str | None = None,
+             order: str = "index") -> Summary:
+    """Certify test images 0, every, 2*every, ... of `dataset` (default: the card's), the first
+    `limit` of them in `order` (see `subset`); resumes an interrupted TSV where it stopped."""
     dataset = dataset or loaded.card.dataset
     if dataset not in data.SPECS.keys() | data.VARIANTS.keys():
         raise InputError(f"no test set for data set {dataset!r}: evaluate knows "
@@ -37,8 +40,12 @@ def evaluate(loaded: LoadedModel, out: Path, every: int, limit: int | None = Non
     if data.VARIANTS.get(dataset, dataset) != loaded.card.dataset:
         raise InputError(f"model {loaded.card.id} is for {loaded.card.dataset}, not {dataset}")
     test = data.load(dataset, train=False, root=data_root)
-    indices = list(range(0, len(test), every))[:limit]
+    planned = subset(len(test), every, order)
     done = {int(r["idx"]) for r in read_tsv(out)} if out.exists() else set()
+    if done != set(planned[:len(done)]):
+        raise InputError(f"{out} holds other images than the first {len(done)} of every "
+                         f"{every}th in {order} order: resume it with the options that wrote it")
+    indices = planned[:limit]
     smooth = Smooth.from_checkpoint(loaded, batch_size, device, precision)
     new = not out.exists()
     out.parent.mkdir(parents=True, exist_ok=True)
@@ -54,6 +61,18 @@ def evaluate(loaded: LoadedModel, out: Path, every: int, limit: int | None = Non
                              f"{c.time_s:.3f}", text_up(c.lipschitz, 6), text_down(c.p_a_lower, 6)])
             f.flush()
     return summarize(read_tsv(out))
+
+
+def subset(size: int, every: int, order: str = "index") -> list[int]:
+    """Test images 0, every, 2*every, ... < size in evaluation order: by index, or spread (one
+    fixed shuffle, the same everywhere), so that the first k of them are a uniform sample of the
+    subset and a partial run estimates the whole one (the first MNIST images are harder)."""
+    if order not in ORDERS:
+        raise InputError(f"unknown order {order!r}; known: {', '.join(ORDERS)}")
+    indices = list(range(0, size, every))
+    if order == "spread":
+        random.Random(0).shuffle(indices)
+    return indices
 
 
 def read_tsv(path: Path) -> list[dict[str, str]]:

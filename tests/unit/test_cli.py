@@ -130,6 +130,24 @@ def test_evaluate_writes_tsv_table_and_plot_and_resumes(model_dir, fake_mnist, t
     assert "is for mnist, not cifar10-exact1000" in capsys.readouterr().err
 
 
+def test_evaluate_in_spread_order_resumes_and_refuses_a_mixed_subset(model_dir, fake_mnist,
+                                                                       tmp_path, capsys):
+    from splitz.evaluate import subset
+
+    spread = subset(64, 16, "spread")  # fake_mnist has 64 test images: 0, 16, 32, 48
+    assert sorted(spread) == subset(64, 16) == [0, 16, 32, 48] and spread[:2] != [0, 16]
+    tsv = tmp_path / "run.tsv"
+    args = ["evaluate", "--model", str(model_dir), "--out", str(tsv), "--every", "16",
+            "--n", "50", "--n0", "10", "--data-root", str(fake_mnist), "--order", "spread"]
+    assert main([*args, "--limit", "2"]) == 0 and main(args) == 0  # resumes in spread order
+    assert [int(r.split("\t")[0]) for r in tsv.read_text().splitlines()[1:]] == spread
+    half = tmp_path / "half.tsv"
+    assert main([*args[:4], str(half), *args[5:-2], "--limit", "2"]) == 0  # index order: 0, 16
+    assert main([*args[:4], str(half), *args[5:]]) == 2  # spread would mix the two subsets
+    assert "resume it with the options that wrote it" in capsys.readouterr().err
+    assert len(half.read_text().splitlines()) == 3  # nothing added
+
+
 def test_query_answers_with_fewer_samples(model_dir, digit, capsys):
     assert main(["query", str(digit), "--model", str(model_dir), "--radius", "0.01",
                  "--n", "4000", "--batch", "200", "--json"]) == 0

@@ -133,3 +133,13 @@ def test_baselines_meet_the_published_logs_on_their_own_images(results, tmp_path
     # run a certifies images 0 and 1 up to 1.0 and 0.3; run b image 0 up to 0.5, image 1 wrong
     assert same[1:8] == ["2", "50.0–100.0", "50.0–100.0", "50.0", "0.0–50.0", "0.0–50.0", "0.0"]
     assert whole[1] == "4" and whole[-1] == "1.125–1.325 |"  # ACR (0.5+0+2+2)/4, (1+0.3+2+2)/4
+
+
+def test_a_spread_order_run_is_another_protocol(results, tmp_path):
+    index = _run(results, tmp_path, "cohen", [1.0, 1.0], False)
+    spread = _run(results, tmp_path, "cohen-spread", [0.0, 0.0], False)
+    spread = spread._replace(meta=spread.meta | {"order": "spread"})
+    summaries = {r.name: evaluate.summarize(evaluate.read_tsv(r.tsv)) for r in (index, spread)}
+    assert sorted(results.best_by_protocol([index, spread], summaries)) == [
+        "mnist, 2 images (every 10), n = 100,000",
+        "mnist, 2 images (every 10, spread order), n = 100,000"]
