@@ -1,0 +1,59 @@
+#!/usr/bin/env bash
+# Issue 12's long CPU runs as two queues, one torch thread each (the machine has two cores):
+#   bash scripts/cpu-runs.sh          # starts both queues in the background; logs in runs/
+#   bash scripts/cpu-runs.sh 1        # queue 1 only, in the foreground (2 likewise)
+# Every step resumes what an earlier session left (training from wip/<id>/train_state.pt,
+# evaluations from their TSV) or finishes at once when done, so the same command carries the
+# work on in each session. A trained model is shipped to models/<id> (weights, card, config)
+# only when its training has finished; commit it, and the TSVs and cards, as they complete
+# (`git status models/`). Needs SPLITZ_DATA (default ../shared/data) and .venv (make install).
+set -euo pipefail
+cd "$(dirname "$0")/.."
+export SPLITZ_DATA=${SPLITZ_DATA:-../shared/data} OMP_NUM_THREADS=1 MKL_NUM_THREADS=1
+export TQDM_MININTERVAL=${TQDM_MININTERVAL:-60}
+SPLITZ=.venv/bin/splitz
+
+train() {  # config id batch: train into wip/<id> (resumes), then ship to models/<id> with the
+           # certification batch (the LeNet's fastest here: bench/engine.py --record)
+  $SPLITZ train --config "configs/mnist/$1.json" --out "wip/$2"
+  if [ ! -e "models/$2" ]; then
+    mkdir -p "wip/$2.ship"
+    cp "wip/$2/model.safetensors" "wip/$2/card.json" "wip/$2.ship/"
+    cp "configs/mnist/$1.json" "wip/$2.ship/train_config.json"
+    .venv/bin/python -c "import sys; from splitz import checkpoint as c; p = sys.argv[1]
+card = c.read_card(p); card.batch_size = int(sys.argv[2]); c.write_card(card, p)" "wip/$2.ship" "$3"
+    mv "wip/$2.ship" "models/$2"  # whole, in one rename: the service may be watching models/
+  fi
+}
+
+evaluate() {  # id every n [options]: the run's TSV, recorded in the card
+  local id=$1 every=$2 n=$3
+  shift 3
+  $SPLITZ evaluate --model "models/$id" --out "models/$id/eval-every$every-n$n.tsv" \
+    --every "$every" --n "$n" --record "$@"
+}
+
+queue1() {
+  train splitz-consistency-s1.0 mnist-splitz-consistency-s1.0 200
+  evaluate mnist-splitz-consistency-s1.0 100 10000
+  evaluate mnist-splitz-consistency-s1.0 10 100000 --order spread
+}
+
+queue2() {
+  evaluate mnist-input-consistency-s0.5 10 100000
+  evaluate mnist-input-consistency-s1.0 10 100000 --order spread
+  train input-consistency-s0.25 mnist-input-consistency-s0.25 200
+  evaluate mnist-input-consistency-s0.25 100 10000
+  evaluate mnist-input-consistency-s0.25 10 100000 --order spread
+}
+
+mkdir -p runs
+case "${1:-}" in
+  1) queue1 ;;
+  2) queue2 ;;
+  "") for q in 1 2; do
+        nohup bash "$0" "$q" > "runs/queue$q.log" 2>&1 &
+        echo "queue $q: pid $!, log runs/queue$q.log"
+      done ;;
+  *) echo "usage: $0 [1|2]" >&2; exit 2 ;;
+esac
