@@ -13,16 +13,18 @@ export SPLITZ_DATA=${SPLITZ_DATA:-../shared/data} OMP_NUM_THREADS=1 MKL_NUM_THRE
 export TQDM_MININTERVAL=${TQDM_MININTERVAL:-60}
 SPLITZ=.venv/bin/splitz
 
-train() {  # config id batch: train into wip/<id> (resumes), then ship to models/<id> with the
-           # certification batch (the LeNet's fastest here: bench/engine.py --record)
-  $SPLITZ train --config "configs/mnist/$1.json" --out "wip/$2"
-  if [ ! -e "models/$2" ]; then
-    mkdir -p "wip/$2.ship"
-    cp "wip/$2/model.safetensors" "wip/$2/card.json" "wip/$2.ship/"
-    cp "configs/mnist/$1.json" "wip/$2.ship/train_config.json"
+train() {  # config batch: train into wip/<id> (resumes), then ship to models/<id> with the
+           # certification batch (the architecture's fastest here: bench/engine.py --record)
+  local id
+  id=$(.venv/bin/python -c "import json, sys; print(json.load(open(sys.argv[1]))['id'])" "$1")
+  $SPLITZ train --config "$1" --out "wip/$id"
+  if [ ! -e "models/$id" ]; then
+    mkdir -p "wip/$id.ship"
+    cp "wip/$id/model.safetensors" "wip/$id/card.json" "wip/$id.ship/"
+    cp "$1" "wip/$id.ship/train_config.json"
     .venv/bin/python -c "import sys; from splitz import checkpoint as c; p = sys.argv[1]
-card = c.read_card(p); card.batch_size = int(sys.argv[2]); c.write_card(card, p)" "wip/$2.ship" "$3"
-    mv "wip/$2.ship" "models/$2"  # whole, in one rename: the service may be watching models/
+card = c.read_card(p); card.batch_size = int(sys.argv[2]); c.write_card(card, p)" "wip/$id.ship" "$2"
+    mv "wip/$id.ship" "models/$id"  # whole, in one rename: the service may be watching models/
   fi
 }
 
@@ -33,17 +35,23 @@ evaluate() {  # id every n [options]: the run's TSV, recorded in the card
     --every "$every" --n "$n" --record "$@"
 }
 
+# The issue's order: MNIST baselines (s0.5, s1.0 full protocol; s0.25), CIFAR-10 s0.5 and s0.25,
+# the SPLITZ variant under the same recipe; development runs (n = 10,000) right after training.
 queue1() {
-  train splitz-consistency-s1.0 mnist-splitz-consistency-s1.0 200
+  train configs/mnist/splitz-consistency-s1.0.json 200
   evaluate mnist-splitz-consistency-s1.0 100 10000
+  train configs/cifar10/input-consistency-s0.5.json 50
+  evaluate cifar10-input-consistency-s0.5 20 10000 --limit 100
   evaluate mnist-splitz-consistency-s1.0 10 100000 --order spread
 }
 
 queue2() {
   evaluate mnist-input-consistency-s0.5 10 100000
   evaluate mnist-input-consistency-s1.0 10 100000 --order spread
-  train input-consistency-s0.25 mnist-input-consistency-s0.25 200
+  train configs/mnist/input-consistency-s0.25.json 200
   evaluate mnist-input-consistency-s0.25 100 10000
+  train configs/cifar10/input-consistency-s0.25.json 50
+  evaluate cifar10-input-consistency-s0.25 20 10000 --limit 100
   evaluate mnist-input-consistency-s0.25 10 100000 --order spread
 }
 
