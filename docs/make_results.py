@@ -247,13 +247,15 @@ def published(groups: dict[tuple[str, float], list[Run]],
 
 def same_images(groups: dict[tuple[str, float], list[Run]], summaries: dict[str, evaluate.Summary],
                 logs: Path = PUBLISHED_LOGS) -> list[str]:
-    """Each baseline run here under the published protocol beside the published models of the
-    same recipe and σ (docs/published: their per-image logs) on exactly its images, and on the
-    whole standard subset: a partial run compares with them without the subset's luck."""
+    """Each run here under the published protocol (baseline or SPLITZ) beside the published
+    input-smoothing models of the same recipe and σ (docs/published: their per-image logs) on
+    exactly its images, and on the whole standard subset: a partial run compares with them
+    without the subset's luck."""
     radii = evaluate.RADII
     lines = ["## On the same images as the published models", "",
-             "The baselines here evaluated like the published logs (n0 = 100, n = 100,000, "
-             "α = 0.001), beside the published models of the same recipe and σ (several training "
+             "The runs here evaluated like the published logs (n0 = 100, n = 100,000, "
+             "α = 0.001), beside the published input-smoothing models of the same recipe and σ "
+             "(noise at the input, where a SPLITZ model has it at the split; several training "
              "runs each: min–max) on the same test images, and on all of the standard subset. "
              "Logs: docs/published (jh-jeong/smoothing-consistency, MIT License).", "",
              "| run | images | " + " | ".join(f"ε={r:g}" for r in radii) + " | ACR |",
@@ -261,7 +263,7 @@ def same_images(groups: dict[tuple[str, float], list[Run]], summaries: dict[str,
     for (data, sigma), group in groups.items():
         for r in group:
             m, source = r.meta, logs / f"{data}-{r.tag}-s{sigma}.tsv"
-            if r.splitz or not source.is_file() or (m["n0"], m["n"], m["alpha"]) != (
+            if not source.is_file() or (m["n0"], m["n"], m["alpha"]) != (
                     100, 100_000, 0.001):
                 continue
             by_run = defaultdict(dict)  # the published run -> image index -> its log row
