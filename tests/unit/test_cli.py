@@ -130,14 +130,17 @@ def test_evaluate_writes_tsv_table_and_plot_and_resumes(model_dir, fake_mnist, t
     assert "is for mnist, not cifar10-exact1000" in capsys.readouterr().err
 
 
-def test_evaluate_in_spread_order_resumes_and_refuses_a_mixed_subset(model_dir, fake_mnist,
-                                                                       tmp_path, capsys):
+def test_evaluate_in_spread_order_resumes_and_refuses_a_mixed_subset(fake_mnist, tmp_path,
+                                                                       capsys):
     from splitz.evaluate import subset
 
     spread = subset(64, 16, "spread")  # fake_mnist has 64 test images: 0, 16, 32, 48
     assert sorted(spread) == subset(64, 16) == [0, 16, 32, 48] and spread[:2] != [0, 16]
+    card = checkpoint.ModelCard(id="input", arch="lenet", dataset="mnist", split="input",
+                                sigma=0.5)  # input smoothing: no local bound to search, fast
+    model = checkpoint.save(create_model("lenet", "mnist", "input", 0.5), card, tmp_path / "m")
     tsv = tmp_path / "run.tsv"
-    args = ["evaluate", "--model", str(model_dir), "--out", str(tsv), "--every", "16",
+    args = ["evaluate", "--model", str(model), "--out", str(tsv), "--every", "16",
             "--n", "50", "--n0", "10", "--data-root", str(fake_mnist), "--order", "spread"]
     assert main([*args, "--limit", "2"]) == 0 and main(args) == 0  # resumes in spread order
     assert [int(r.split("\t")[0]) for r in tsv.read_text().splitlines()[1:]] == spread
