@@ -183,7 +183,9 @@ def main() -> None:
              "Certified accuracy (%) at l2 radius ε: correct and certified at ≥ ε "
              "(abstentions count as wrong); ACR = average certified radius. Most runs are "
              "small subsets at n = 10,000 (radii cap near 1.6 at σ = 0.5). The n = 100,000 runs "
-             "take the first images of the standard subsets (MNIST: every 10th test image; "
+             "take the first images of the standard subsets (by index, or where marked "
+             "\"spread order\" in one fixed shuffle, whose first images are a uniform sample; "
+             "MNIST: every 10th test image; "
              "CIFAR-10: every 20th, here the exact-pixel twins of those among the first 1000), "
              "not all 1000 / 500 of them as the published numbers of DESIGN.md §2 do (the first "
              "MNIST images are harder: the section \"On the same images as the published "
@@ -266,11 +268,7 @@ def same_images(groups: dict[tuple[str, float], list[Run]], summaries: dict[str,
             if not source.is_file() or (m["n0"], m["n"], m["alpha"]) != (
                     100, 100_000, 0.001):
                 continue
-            by_run = defaultdict(dict)  # the published run -> image index -> its log row
-            with open(source, newline="") as f:
-                for row in csv.DictReader((line for line in f if not line.startswith("#")),
-                                          delimiter="\t"):
-                    by_run[row["run"]][int(row["idx"])] = row
+            by_run = _published_log(source)
             ours = {int(row["idx"]) for row in evaluate.read_tsv(r.tsv)}
             if any(not ours <= set(rows) for rows in by_run.values()):
                 continue  # images the logs do not hold
@@ -286,6 +284,16 @@ def same_images(groups: dict[tuple[str, float], list[Run]], summaries: dict[str,
                                  [100 * p.certified_accuracy[e] for p in pub])) for e in radii)
                              + f" | {_cell(_span([p.average_certified_radius for p in pub]), 3)} |")
     return [*lines, ""]
+
+
+def _published_log(path: Path) -> dict[str, dict[int, dict[str, str]]]:
+    """The published training run -> test image index -> its certify log row."""
+    by_run = defaultdict(dict)
+    with open(path, newline="") as f:
+        for row in csv.DictReader((line for line in f if not line.startswith("#")),
+                                  delimiter="\t"):
+            by_run[row["run"]][int(row["idx"])] = row
+    return by_run
 
 
 def _span(values: list[float]) -> float | tuple[float, float]:
