@@ -259,12 +259,14 @@ def same_images(groups: dict[tuple[str, float], list[Run]], summaries: dict[str,
              "α = 0.001), beside the published input-smoothing models of the same recipe and σ "
              "(noise at the input, where a SPLITZ model has it at the split; several training "
              "runs each: min–max) on the same test images, and on all of the standard subset. "
-             "Logs: docs/published (jh-jeong/smoothing-consistency, MIT License).", "",
+             "Logs: docs/published (jh-jeong/smoothing-consistency, MIT License). The "
+             "published CIFAR-10 models were certified on exact pixels: a run here on the JPEG "
+             "copy differs from them also by the compression.", "",
              "| run | images | " + " | ".join(f"ε={r:g}" for r in radii) + " | ACR |",
              "|" + "---|" * (len(radii) + 3)]
     for (data, sigma), group in groups.items():
         for r in group:
-            m, source = r.meta, logs / f"{data}-{r.tag}-s{sigma}.tsv"
+            m, source = r.meta, logs / f"{datasets.VARIANTS.get(data, data)}-{r.tag}-s{sigma}.tsv"
             if not source.is_file() or (m["n0"], m["n"], m["alpha"]) != (
                     100, 100_000, 0.001):
                 continue
@@ -279,7 +281,8 @@ def same_images(groups: dict[tuple[str, float], list[Run]], summaries: dict[str,
             for label, pick in (("same images", ours), ("whole subset", None)):
                 pub = [evaluate.summarize([rows[i] for i in (pick or sorted(rows))])
                        for rows in by_run.values()]
-                lines.append(f"| published {r.tag}, σ = {sigma}, {label} ({len(pub)} runs) | "
+                count = f"{len(pub)} runs" if len(pub) > 1 else "1 run"
+                lines.append(f"| published {r.tag}, σ = {sigma}, {label} ({count}) | "
                              f"{pub[0].images} | " + " | ".join(_cell(_span(
                                  [100 * p.certified_accuracy[e] for p in pub])) for e in radii)
                              + f" | {_cell(_span([p.average_certified_radius for p in pub]), 3)} |")

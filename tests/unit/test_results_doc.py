@@ -144,3 +144,16 @@ def test_a_spread_order_run_is_another_protocol(results, tmp_path):
     assert sorted(results.best_by_protocol([index, spread], summaries)) == [
         "mnist, 2 images (every 10), n = 100,000",
         "mnist, 2 images (every 10, spread order), n = 100,000"]
+
+
+def test_a_run_on_a_data_set_variant_meets_the_logs_of_its_data_set(results, tmp_path):
+    logs = tmp_path / "published"
+    logs.mkdir()
+    (logs / "cifar10-gaussian-s0.5.tsv").write_text(
+        "run\tidx\tlabel\tpredict\tradius\tcorrect\nx\t0\t1\t1\t0.6\t1\nx\t1\t1\t1\t0.6\t1\n")
+    run = _run(results, tmp_path, "cifar-exact", [0.3], False, every=1)
+    run = run._replace(meta=run.meta | {"data": "cifar10-exact1000"})
+    summaries = {run.name: evaluate.summarize(evaluate.read_tsv(run.tsv))}
+    rows = results.same_images({("cifar10-exact1000", 0.5): [run]}, summaries, logs)
+    assert "| published gaussian, σ = 0.5, same images (1 run) | 1 | 100.0 | 100.0 | 100.0 | 0.0" \
+        in "\n".join(rows)
