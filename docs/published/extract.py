@@ -3,7 +3,8 @@ subsets, so docs/make_results.py can compare a run here with them on exactly its
 
     python docs/published/extract.py PATH/TO/smoothing-consistency/.git
 
-Source: github.com/jh-jeong/smoothing-consistency (MIT License, (c) 2020 Jongheon Jeong),
+Source: github.com/jh-jeong/smoothing-consistency (MIT License, (c) 2020 Jongheon Jeong: its text
+in LICENSE beside these files),
 data/certify: Cohen et al.'s certify (n0 = 100, n = 100,000, alpha = 0.001) on all 10,000 test
 images, for networks the authors trained with the Gaussian recipe and with consistency
 regularization (m = 2, the lambda of their EXPERIMENTS.MD): MNIST LeNets, several training runs
