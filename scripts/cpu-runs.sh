@@ -6,10 +6,10 @@
 # evaluations from their TSV) or finishes at once when done, so the same command carries the
 # work on in each session. A trained model is shipped to models/<id> (weights, card, config)
 # only when its training has finished; commit it, and the TSVs and cards, as they complete
-# (`git status models/`). Needs SPLITZ_DATA (default ../shared/data) and .venv (make install).
+# (`git status models/`). Needs .venv (make install) and the data: SPLITZ_DATA, as for splitz.
 set -euo pipefail
 cd "$(dirname "$0")/.."
-export SPLITZ_DATA=${SPLITZ_DATA:-../shared/data} OMP_NUM_THREADS=1 MKL_NUM_THREADS=1
+export OMP_NUM_THREADS=1 MKL_NUM_THREADS=1
 export TQDM_MININTERVAL=${TQDM_MININTERVAL:-60}
 SPLITZ=.venv/bin/splitz
 

@@ -5,7 +5,7 @@
 # train_state.pt, so that what a kill leaves resumes later, on a CPU or a GPU.
 #
 # Here, first (copies the data, downloads the Python packages the device lacks, checks the size):
-#   bash scripts/gpu-train.sh --prepare            # -> gpu-carry/{data,wheels}/ (git-ignored)
+#   SPLITZ_DATA=... bash scripts/gpu-train.sh --prepare   # -> gpu-carry/{data,wheels}/ (ignored)
 # On the device machine, from the repository root, with gpu-carry carried:
 #   bash scripts/gpu-train.sh                      # device tool: run(command=..., carry=
 #                                                  #   ["gpu-carry"], timeout_s=600)
@@ -36,7 +36,8 @@ if [ "${1:-}" = "--prepare" ]; then
   set -e
   CARRY=gpu-carry
   mkdir -p "$CARRY/data" "$CARRY/wheels"
-  cp -u "${SHARED_DATA:-../shared/data}/cifar10-jpeg.tar.xz" "$CARRY/data/"
+  : "${SPLITZ_DATA:?set SPLITZ_DATA to the data root holding cifar10-jpeg.tar.xz}"
+  cp -u "$SPLITZ_DATA/cifar10-jpeg.tar.xz" "$CARRY/data/"
   PYV=${PY:-.venv/bin/python}
   pins=$("$PYV" -c "import importlib.metadata as m; print(' '.join(f'{p}=={m.version(p)}' for p in
     ('pydantic', 'pydantic-core', 'annotated-types', 'typing-inspection', 'typing-extensions')))")
