@@ -14,6 +14,8 @@ import numpy as np
 import torch
 from torch.utils.data import Dataset, Subset, TensorDataset
 
+from . import cifar10_labels
+
 
 @dataclass(frozen=True)
 class DatasetSpec:
@@ -88,14 +90,29 @@ def _cifar10(root: Path, train: bool, augment: bool) -> Dataset:
     if jpeg_tar.exists():  # the offline JPEG copy (see shared/data/README.md)
         folder = _extract_once(jpeg_tar, cache_dir() / "cifar10-jpeg")
         split = next(folder.rglob("train" if train else "test"))
-        return datasets.ImageFolder(split, transform=transforms.Compose(tf))
+        images = datasets.ImageFolder(split, transform=transforms.Compose(tf))
+        return images if train else _original_order(images, cifar10_labels.TEST_LABELS)
     return datasets.CIFAR10(root, train=train, download=True, transform=transforms.Compose(tf))
 
 
-def _cifar10_first1000(root: Path, exact: bool) -> Dataset:
-    """The first 1000 CIFAR-10 test images in their original order (labels from the exact subset).
+def _original_order(folder: Dataset, labels: str) -> Subset:
+    """The JPEG copy's test images in the test set's order: it names the k-th test image of a
+    class `<class>/<k:04d>.jpg` (k from 0), and `labels` are the classes in that order."""
+    index = {(label, Path(file).stem): i for i, (file, label) in enumerate(folder.samples)}
+    seen = [0] * 10
+    twins = []
+    for y in map(int, labels):
+        name = f"{seen[y]:04d}"
+        if (y, name) not in index:
+            raise FileNotFoundError(f"the CIFAR-10 JPEG copy lacks test image {name} of class {y}")
+        twins.append(index[(y, name)])
+        seen[y] += 1
+    return Subset(folder, twins)
 
-    The JPEG copy names the k-th test image of a class `<class>/<k:04d>.jpg` (k from 0)."""
+
+def _cifar10_first1000(root: Path, exact: bool) -> Dataset:
+    """The first 1000 CIFAR-10 test images in their original order: exact pixels from the exact
+    subset, or their twins in the JPEG copy."""
     path = root / EXACT_SUBSET
     if not path.exists():
         raise FileNotFoundError(f"{path} is missing (see shared/data/README.md)")
@@ -104,14 +121,7 @@ def _cifar10_first1000(root: Path, exact: bool) -> Dataset:
     if exact:
         x = torch.from_numpy(pixels).permute(0, 3, 1, 2).float() / 255
         return TensorDataset(x, torch.from_numpy(labels))
-    folder = _cifar10(root, train=False, augment=False)
-    index = {(label, Path(file).stem): i for i, (file, label) in enumerate(folder.samples)}
-    seen = np.zeros(10, dtype=np.int64)
-    twins = []
-    for y in labels:
-        twins.append(index[(int(y), f"{seen[y]:04d}")])
-        seen[y] += 1
-    return Subset(folder, twins)
+    return Subset(_cifar10(root, train=False, augment=False), range(len(labels)))
 
 
 def cache_dir() -> Path:

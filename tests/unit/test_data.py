@@ -34,9 +34,10 @@ def fake_cifar10(root, per_class: int = 1):
 def test_cifar10_jpeg_copy_is_extracted_once_with_standard_labels(tmp_path, monkeypatch):
     root, cache = tmp_path / "data", tmp_path / "cache"
     monkeypatch.setenv("SPLITZ_CACHE", str(cache))
+    monkeypatch.setattr(data.cifar10_labels, "TEST_LABELS", "0123456789")  # one image a class
     fake_cifar10(root)
     test = data.load("cifar10", False, root)
-    assert test.classes == list(data.spec("cifar10").classes)
+    assert test.dataset.classes == list(data.spec("cifar10").classes)
     x, y = test[3]
     assert x.shape == (3, 32, 32) and y == 3
     assert (cache / "cifar10-jpeg" / ".extracted").exists()
@@ -77,6 +78,7 @@ def test_first_1000_cifar10_test_images_exact_and_their_jpeg_twins(tmp_path, mon
     monkeypatch.setenv("SPLITZ_CACHE", str(tmp_path / "cache"))
     fake_cifar10(root, per_class=3)
     labels = np.array([3, 3, 0, 9, 3], np.int64)  # original order: the 2nd "3" is cat/0001.jpg
+    monkeypatch.setattr(data.cifar10_labels, "TEST_LABELS", "33093")
     seen = {3: 0, 0: 0, 9: 0}
     pixels = []
     for y in labels:
@@ -92,6 +94,25 @@ def test_first_1000_cifar10_test_images_exact_and_their_jpeg_twins(tmp_path, mon
         assert (xe - xj).abs().max() < 2 / 255  # the same image, up to JPEG rounding
     with pytest.raises(ValueError, match="test set only"):
         data.load("cifar10-exact1000", True, root)
+
+
+def test_the_jpeg_test_set_is_in_the_test_sets_order(tmp_path, monkeypatch):
+    root = tmp_path / "data"
+    monkeypatch.setenv("SPLITZ_CACHE", str(tmp_path / "cache"))
+    fake_cifar10(root, per_class=2)
+    monkeypatch.setattr(data.cifar10_labels, "TEST_LABELS", "909")
+    test = data.load("cifar10", False, root)
+    # pixel value 20 c + k marks class c's k-th image: 180 (truck 0), 0 (airplane 0), 181
+    assert [(round(float(x.mean()) * 255), y) for x, y in test] == [(180, 9), (0, 0), (181, 9)]
+    monkeypatch.setattr(data.cifar10_labels, "TEST_LABELS", "9099")  # a third truck: missing
+    with pytest.raises(FileNotFoundError, match="lacks test image 0002 of class 9"):
+        data.load("cifar10", False, root)
+
+
+def test_the_cifar10_test_labels_are_complete():
+    labels = data.cifar10_labels.TEST_LABELS
+    assert len(labels) == 10_000 and all(labels.count(str(c)) == 1000 for c in range(10))
+    assert labels.startswith("3880661631")  # cat, ship, ship, airplane, frog, ...
 
 
 def test_unknown_data_set():
