@@ -80,13 +80,18 @@ def runs(models: Path = MODELS, retired: Path = RETIRED) -> dict[tuple[str, floa
                 group = (m.get("data", card.dataset), card.sigma)
                 config = card.training.get("config", {})
                 recipe = config.get("recipe", "gaussian")
-                tag = (f"{recipe}-lambda{config['consistency_lambda']:g}"
-                       if recipe == "consistency" else recipe)
+                lam = config.get("consistency_lambda") if recipe == "consistency" else None
+                tag = recipe if lam is None else f"{recipe}-lambda{lam:g}"
                 name = f"{card.id} ({key}, retired)" if is_retired else f"{card.id} ({key})"
                 out[group].append(Run(name, {"data": card.dataset} | m, folder / m["tsv"],
                                       card.split != "input", recipe, card.sigma, is_retired,
                                       tag))
     return dict(sorted(out.items()))
+
+
+def recorded(r: Run) -> list[dict[str, str]]:
+    """The TSV rows the card recorded: a run still going appends rows past them, in order."""
+    return evaluate.read_tsv(r.tsv)[:r.meta["images"]]
 
 
 SIDES = ("SPLITZ", "baseline")
@@ -116,8 +121,12 @@ def best_by_protocol(group: list[Run], summaries: dict[str, evaluate.Summary]
 
 def _protocol(r: Run) -> str:
     m = r.meta
-    order = "" if m.get("order", "index") == "index" else f", {m['order']} order"
-    return f"{m['data']}, {m['images']} images (every {m['every']}{order}), n = {m['n']:,}"
+    return f"{m['data']}, {m['images']} images ({_subset(r)}), n = {m['n']:,}"
+
+
+def _subset(r: Run) -> str:
+    order = r.meta.get("order", "index")
+    return f"every {r.meta['every']}" + ("" if order == "index" else f", {order} order")
 
 
 def same_recipe(group: list[Run], summaries: dict[str, evaluate.Summary]) -> dict[str, Sides]:
@@ -201,20 +210,20 @@ def main() -> None:
              "SPLITZ model whose L is below 1 smooths like σ / L at the input, so it can "
              "certify past the radius cap of a baseline at the same σ.", ""]
     groups = runs()
-    summaries = {r.name: evaluate.summarize(evaluate.read_tsv(r.tsv))
-                 for group in groups.values() for r in group}
+    rows = {r.name: recorded(r) for group in groups.values() for r in group}
+    summaries = {name: evaluate.summarize(run) for name, run in rows.items()}
     lines += published(groups, summaries)
     lines += same_images(groups, summaries)
     pairs = {key: same_recipe(group, summaries) for key, group in groups.items()}
     lines += verdict([r for group in groups.values() for r in group], summaries)
     for (data, sigma), group in groups.items():
         png = DOCS / f"results-{data}-s{sigma}.png"
-        evaluate.plot({r.name: r.tsv for r in group}, png)
+        evaluate.plot({r.name: rows[r.name] for r in group}, png)
         table = evaluate.markdown_table({r.name: summaries[r.name] for r in group})
         lines += [f"## {data}, σ = {sigma}", "", table, ""]
         lines += versus(pairs[(data, sigma)])
         lines += ["| run | test images | n0 | n | α | command |", "|---|---|---|---|---|---|"]
-        lines += [f"| {r.name} | {r.meta['images']} (every {r.meta['every']}) | {r.meta['n0']} | "
+        lines += [f"| {r.name} | {r.meta['images']} ({_subset(r)}) | {r.meta['n0']} | "
                   f"{r.meta['n']:,} | {r.meta['alpha']} | `{r.meta['command']}` |" for r in group]
         lines += ["", f"![certified accuracy, {data}, σ = {sigma}]({png.name})", ""]
     lines += locality(groups)
@@ -261,8 +270,9 @@ def same_images(groups: dict[tuple[str, float], list[Run]], summaries: dict[str,
     lines = ["## On the same images as the published models", "",
              "The runs here evaluated like the published logs (n0 = 100, n = 100,000, "
              "α = 0.001), beside the published input-smoothing models of the same recipe and σ "
-             "(noise at the input, where a SPLITZ model has it at the split; several training "
-             "runs each: min–max) on the same test images, and on all of the standard subset. "
+             "(noise at the input, where a SPLITZ model has it at the split; min–max over the "
+             "published training runs) on the same test images, and on all of the standard "
+             "subset. "
              "Logs: docs/published (jh-jeong/smoothing-consistency, MIT License). The "
              "published CIFAR-10 models were certified on exact pixels: a run here on the JPEG "
              "copy differs from them also by the compression.", "",
@@ -275,7 +285,7 @@ def same_images(groups: dict[tuple[str, float], list[Run]], summaries: dict[str,
                     100, 100_000, 0.001):
                 continue
             by_run = _published_log(source)
-            ours = {int(row["idx"]) for row in evaluate.read_tsv(r.tsv)}
+            ours = {int(row["idx"]) for row in recorded(r)}
             if any(not ours <= set(rows) for rows in by_run.values()):
                 continue  # images the logs do not hold
             here = summaries[r.name]
@@ -283,7 +293,8 @@ def same_images(groups: dict[tuple[str, float], list[Run]], summaries: dict[str,
                          + " | ".join(f"{100 * here.certified_accuracy[e]:.1f}" for e in radii)
                          + f" | {here.average_certified_radius:.3f} |")
             for label, pick in (("same images", ours), ("whole subset", None)):
-                pub = [evaluate.summarize([rows[i] for i in (pick or sorted(rows))])
+                pub = [evaluate.summarize([rows[i] for i in (sorted(rows) if pick is None
+                                                             else pick)])
                        for rows in by_run.values()]
                 count = f"{len(pub)} runs" if len(pub) > 1 else "1 run"
                 lines.append(f"| published {r.tag}, σ = {sigma}, {label} ({count}) | "
@@ -350,8 +361,8 @@ def locality(groups: dict[tuple[str, float], list[Run]], models: Path = MODELS) 
         model = checkpoint.load(directory).model
         bound = F1Bound(model.f1, model.input_shape)
         test = test_set(dataset, train=False)
-        xs = torch.stack([test[i][0] for i in
-                          range(0, len(test), run.meta["every"])[:LOCALITY_IMAGES]])
+        first = [int(row["idx"]) for row in recorded(run)[:LOCALITY_IMAGES]]
+        xs = torch.stack([test[i][0] for i in first])
         u = bound.preactivation(xs)
         masks = [bound.can_change(u, torch.full((len(xs),), g, dtype=torch.float64))
                  for g in GAMMAS]
@@ -372,8 +383,9 @@ def locality(groups: dict[tuple[str, float], list[Run]], models: Path = MODELS) 
 def experiments() -> list[str]:
     """The training experiments of docs/prelim (TSVs named by run; configs in configs/mnist)."""
     tsvs = sorted((DOCS / "prelim").glob("*.tsv"))
-    summaries = {t.stem: evaluate.summarize(evaluate.read_tsv(t)) for t in tsvs}
-    evaluate.plot({t.stem: t for t in tsvs}, DOCS / "prelim" / "mnist-sigma0.5.png")
+    rows = {t.stem: evaluate.read_tsv(t) for t in tsvs}
+    summaries = {name: evaluate.summarize(run) for name, run in rows.items()}
+    evaluate.plot(rows, DOCS / "prelim" / "mnist-sigma0.5.png")
     return ["## MNIST training experiments, σ = 0.5 (docs/prelim)", "",
             "Same protocol for every run: 100 MNIST test images (every 100th), n0 = 100, "
             "n = 10,000 (caps radii near 1.6 for σ = 0.5 at L = 1), α = 0.001. How each was "

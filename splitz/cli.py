@@ -380,7 +380,7 @@ def _evaluate(args) -> int:
 
 
 def _plot(args) -> int:
-    evaluate.plot({p.stem: p for p in args.tsv}, args.out)
+    evaluate.plot({p.stem: evaluate.read_tsv(p) for p in args.tsv}, args.out)
     print(f"wrote {args.out}")
     return 0
 

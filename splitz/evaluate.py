@@ -99,8 +99,8 @@ def markdown_table(summaries: dict[str, Summary]) -> str:
     return "\n".join(lines)
 
 
-def plot(runs: dict[str, Path], out: Path, max_radius: float = 3.0) -> None:
-    """Certified accuracy against radius for several runs in one PNG."""
+def plot(runs: dict[str, list[dict[str, str]]], out: Path, max_radius: float = 3.0) -> None:
+    """Certified accuracy against radius for several runs (name -> TSV rows) in one PNG."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -108,8 +108,8 @@ def plot(runs: dict[str, Path], out: Path, max_radius: float = 3.0) -> None:
 
     grid = tuple(max_radius * i / 300 for i in range(301))
     fig, ax = plt.subplots(figsize=(6, 4))
-    for name, path in runs.items():
-        acc = summarize(read_tsv(path), grid).certified_accuracy
+    for name, rows in runs.items():
+        acc = summarize(rows, grid).certified_accuracy
         ax.plot(list(acc), [100 * a for a in acc.values()], label=name)
     ax.set(xlabel="l2 radius", ylabel="certified accuracy (%)", ylim=(0, 100), xlim=(0, max_radius))
     ax.grid(alpha=0.3)

@@ -157,3 +157,17 @@ def test_a_run_on_a_data_set_variant_meets_the_logs_of_its_data_set(results, tmp
     rows = results.same_images({("cifar10-exact1000", 0.5): [run]}, summaries, logs)
     assert "| published gaussian, σ = 0.5, same images (1 run) | 1 | 100.0 | 100.0 | 100.0 | 0.0" \
         in "\n".join(rows)
+
+
+def test_rows_past_the_recorded_ones_are_left_out(results, tmp_path):
+    """A run still going appends to a TSV its card recorded: the card's count is the run."""
+    logs = tmp_path / "published"
+    logs.mkdir()
+    (logs / "mnist-gaussian-s0.5.tsv").write_text(
+        "run\tidx\tlabel\tpredict\tradius\tcorrect\na\t0\t1\t1\t1.0\t1\na\t1\t1\t1\t1.0\t1\n")
+    run = _run(results, tmp_path, "cohen", [2.0, 0.0], False, every=1)
+    run = run._replace(meta=run.meta | {"images": 1})
+    assert [row["idx"] for row in results.recorded(run)] == ["0"]
+    summaries = {run.name: evaluate.summarize(results.recorded(run))}
+    rows = "\n".join(results.same_images({("mnist", 0.5): [run]}, summaries, logs))
+    assert "| cohen | 1 | 100.0 |" in rows and "same images (1 run) | 1 | 100.0 |" in rows
