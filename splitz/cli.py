@@ -11,7 +11,7 @@ import torch
 from pydantic import ValidationError
 
 from . import checkpoint, data, evaluate, importer
-from .errors import SplitzError
+from .errors import InputError, SplitzError
 from .images import load_image
 from .lipschitz import layer_profile
 from .smoothing import PRECISIONS, SEED_LIMIT, Smooth, known_draw
@@ -359,6 +359,11 @@ def _evaluate(args) -> int:
     loaded = checkpoint.load(args.model)
     dataset = args.data or loaded.card.dataset
     every = args.every or {"cifar10": 20, "mnist": 10}.get(dataset, 1)
+    protocol = {"data": dataset, "every": every, "order": args.order, "n0": args.n0, "n": args.n,
+                "alpha": args.alpha, "seed": args.seed,
+                "precision": args.precision or loaded.card.precision}
+    if args.out.exists():
+        _check_resume(loaded.card.metrics.get(args.out.stem), protocol, args.out)
     summary = evaluate.evaluate(loaded, args.out, every, args.limit, args.n0, args.n, args.alpha,
                                 args.batch, args.seed, args.data_root, args.device, dataset,
                                 args.precision, args.order)
@@ -366,17 +371,29 @@ def _evaluate(args) -> int:
     if args.record:
         card = checkpoint.read_card(args.model)  # fresh: another run may have recorded meanwhile
         card.metrics[args.out.stem] = {
-            "tsv": args.out.name, "data": dataset, "every": every, "order": args.order,
-            "images": summary.images,
-            "n0": args.n0, "n": args.n, "alpha": args.alpha, "seed": args.seed,
+            "tsv": args.out.name, **protocol, "images": summary.images,
             "batch": args.batch or loaded.card.batch_size,
-            "precision": args.precision or loaded.card.precision,
             "certified_accuracy": {str(r): a for r, a in summary.certified_accuracy.items()},
             "average_certified_radius": summary.average_certified_radius,
             "command": shlex.join(["splitz", *sys.argv[1:]]) if sys.argv[1:] else "evaluate",
         }
         checkpoint.write_card(card, args.model)
     return 0
+
+
+def _check_resume(recorded: dict | None, protocol: dict, out: Path) -> None:
+    """A TSV the card recorded resumes only under the protocol it was recorded with: rows under
+    another test set, n, seed or precision would mix into one run."""
+    if not isinstance(recorded, dict) or recorded.get("tsv") != out.name:
+        return
+    differ = []
+    for key, value in protocol.items():
+        was = recorded.get(key, "index" if key == "order" else value)  # older: fewer keys
+        if was != value:
+            differ.append(f"{key} {was} (now {value})")
+    if differ:
+        raise InputError(f"{out} was recorded with {', '.join(differ)}: resume it with the "
+                         "options that wrote it, or write a new TSV")
 
 
 def _plot(args) -> int:

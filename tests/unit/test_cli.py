@@ -130,7 +130,7 @@ def test_evaluate_writes_tsv_table_and_plot_and_resumes(model_dir, fake_mnist, t
     assert "is for mnist, not cifar10-exact1000" in capsys.readouterr().err
 
 
-def test_evaluate_in_spread_order_resumes_and_refuses_a_mixed_subset(fake_mnist, tmp_path,
+def test_evaluate_resumes_only_the_same_subset_order_and_protocol(fake_mnist, tmp_path,
                                                                        capsys):
     from splitz.evaluate import subset
 
@@ -149,6 +149,13 @@ def test_evaluate_in_spread_order_resumes_and_refuses_a_mixed_subset(fake_mnist,
     assert main([*args[:4], str(half), *args[5:]]) == 2  # spread would mix the two subsets
     assert "resume it with the options that wrote it" in capsys.readouterr().err
     assert len(half.read_text().splitlines()) == 3  # nothing added
+    # a recorded run resumes only with the protocol its card recorded
+    rec = tmp_path / "rec.tsv"
+    assert main([*args[:4], str(rec), *args[5:], "--limit", "1", "--record"]) == 0
+    assert main([*args[:4], str(rec), *args[5:], "--seed", "7", "--n", "60"]) == 2
+    assert "was recorded with n 50 (now 60), seed 0 (now 7)" in capsys.readouterr().err
+    assert main([*args[:4], str(rec), *args[5:], "--record"]) == 0  # same protocol: resumes
+    assert len(rec.read_text().splitlines()) == 5
 
 
 def test_query_answers_with_fewer_samples(model_dir, digit, capsys):
