@@ -130,8 +130,7 @@ def test_evaluate_writes_tsv_table_and_plot_and_resumes(model_dir, fake_mnist, t
     assert "is for mnist, not cifar10-exact1000" in capsys.readouterr().err
 
 
-def test_evaluate_resumes_only_the_same_subset_order_and_protocol(fake_mnist, tmp_path,
-                                                                       capsys):
+def test_evaluate_resumes_only_the_same_subset_order_and_protocol(fake_mnist, tmp_path, capsys):
     from splitz.evaluate import subset
 
     spread = subset(64, 16, "spread")  # fake_mnist has 64 test images: 0, 16, 32, 48
