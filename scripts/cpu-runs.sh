@@ -36,29 +36,37 @@ evaluate() {  # id name [splitz evaluate options]: models/<id>/<name>.tsv, recor
   $SPLITZ evaluate --model "models/$id" --out "models/$id/$name.tsv" --record "$@"
 }
 
+dev() {  # id: the development run (n = 10,000; MNIST every 100th, CIFAR-10 the exact first 1000)
+  case $1 in
+    mnist-*) evaluate "$1" eval-every100-n10000 --every 100 --n 10000 ;;
+    *) evaluate "$1" eval-exact1000-every10-n10000 --data cifar10-exact1000 --every 10 --n 10000 ;;
+  esac
+}
+
+full() {  # id [options]: the standard MNIST protocol (every 10th test image, n = 100,000)
+  local id=$1
+  shift
+  evaluate "$id" eval-every10-n100000 --every 10 --n 100000 "$@"
+}
+
 # The order: MNIST baselines (s0.5, s1.0 full protocol; s0.25), CIFAR-10 s0.5 and s0.25,
-# the SPLITZ variant under the same recipe; development runs (n = 10,000) right after training.
+# the SPLITZ variant under the same recipe; development runs right after training.
 queue1() {
   train configs/mnist/splitz-consistency-s1.0.json 200
-  evaluate mnist-splitz-consistency-s1.0 eval-every100-n10000 --every 100 --n 10000
+  dev mnist-splitz-consistency-s1.0
   train configs/cifar10/input-consistency-s0.5.json 50
-  evaluate cifar10-input-consistency-s0.5 eval-exact1000-every10-n10000 \
-    --data cifar10-exact1000 --every 10 --n 10000
-  evaluate mnist-splitz-consistency-s1.0 eval-every10-n100000 --every 10 --n 100000 \
-    --order spread
+  dev cifar10-input-consistency-s0.5
+  full mnist-splitz-consistency-s1.0 --order spread
 }
 
 queue2() {
-  evaluate mnist-input-consistency-s0.5 eval-every10-n100000 --every 10 --n 100000
-  evaluate mnist-input-consistency-s1.0 eval-every10-n100000 --every 10 --n 100000 \
-    --order spread
+  full mnist-input-consistency-s0.5  # begun in index order: it resumes so
+  full mnist-input-consistency-s1.0 --order spread
   train configs/mnist/input-consistency-s0.25.json 200
-  evaluate mnist-input-consistency-s0.25 eval-every100-n10000 --every 100 --n 10000
+  dev mnist-input-consistency-s0.25
   train configs/cifar10/input-consistency-s0.25.json 50
-  evaluate cifar10-input-consistency-s0.25 eval-exact1000-every10-n10000 \
-    --data cifar10-exact1000 --every 10 --n 10000
-  evaluate mnist-input-consistency-s0.25 eval-every10-n100000 --every 10 --n 100000 \
-    --order spread
+  dev cifar10-input-consistency-s0.25
+  full mnist-input-consistency-s0.25 --order spread
 }
 
 mkdir -p runs
