@@ -276,8 +276,7 @@ def same_images(groups: dict[tuple[str, float], list[Run]], summaries: dict[str,
              "Logs: docs/published (jh-jeong/smoothing-consistency, MIT License). The "
              "published CIFAR-10 models were certified on exact pixels: a run here on the JPEG "
              "copy differs from them also by the compression.", "",
-             "| run | images | " + " | ".join(f"ε={r:g}" for r in radii) + " | ACR |",
-             "|" + "---|" * (len(radii) + 3)]
+             *evaluate.markdown_head(radii)]
     for (data, sigma), group in groups.items():
         for r in group:
             m, source = r.meta, logs / f"{datasets.VARIANTS.get(data, data)}-{r.tag}-s{sigma}.tsv"
@@ -288,10 +287,7 @@ def same_images(groups: dict[tuple[str, float], list[Run]], summaries: dict[str,
             ours = {int(row["idx"]) for row in recorded(r)}
             if any(not ours <= set(rows) for rows in by_run.values()):
                 continue  # images the logs do not hold
-            here = summaries[r.name]
-            lines.append(f"| {r.name} | {here.images} | "
-                         + " | ".join(f"{100 * here.certified_accuracy[e]:.1f}" for e in radii)
-                         + f" | {here.average_certified_radius:.3f} |")
+            lines.append(evaluate.markdown_row(r.name, summaries[r.name]))
             for label, pick in (("same images", ours), ("whole subset", None)):
                 pub = [evaluate.summarize([rows[i] for i in (sorted(rows) if pick is None
                                                              else pick)])

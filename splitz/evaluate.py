@@ -90,13 +90,18 @@ def summarize(rows: list[dict[str, str]], radii: tuple[float, ...] = RADII) -> S
 
 def markdown_table(summaries: dict[str, Summary]) -> str:
     """One row per run: certified accuracy (%) at each radius, then the ACR."""
-    radii = next(iter(summaries.values())).certified_accuracy
-    head = "| run | images | " + " | ".join(f"ε={r:g}" for r in radii) + " | ACR |"
-    lines = [head, "|" + "---|" * (len(radii) + 3)]
-    for name, s in summaries.items():
-        cells = " | ".join(f"{100 * a:.1f}" for a in s.certified_accuracy.values())
-        lines.append(f"| {name} | {s.images} | {cells} | {s.average_certified_radius:.3f} |")
-    return "\n".join(lines)
+    radii = tuple(next(iter(summaries.values())).certified_accuracy)
+    return "\n".join([*markdown_head(radii), *(markdown_row(n, s) for n, s in summaries.items())])
+
+
+def markdown_head(radii: tuple[float, ...]) -> list[str]:
+    return ["| run | images | " + " | ".join(f"ε={r:g}" for r in radii) + " | ACR |",
+            "|" + "---|" * (len(radii) + 3)]
+
+
+def markdown_row(name: str, s: Summary) -> str:
+    cells = " | ".join(f"{100 * a:.1f}" for a in s.certified_accuracy.values())
+    return f"| {name} | {s.images} | {cells} | {s.average_certified_radius:.3f} |"
 
 
 def plot(runs: dict[str, list[dict[str, str]]], out: Path, max_radius: float = 3.0) -> None:
