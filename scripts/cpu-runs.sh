@@ -50,14 +50,15 @@ full() {  # id [options]: the standard MNIST protocol (every 10th test image, n 
 }
 
 # The order: MNIST baselines (s0.5, s1.0 full protocol; s0.25), CIFAR-10 s0.5 and s0.25,
-# the SPLITZ variant under the same recipe; development runs right after training.
+# the SPLITZ variant under the same recipe; development runs right after training. A step
+# that outlasts a session carries on in the next from wip/ (trainings) or its TSV.
 queue1() {
   train configs/mnist/input-consistency-s0.25.json 200  # ~2.2 h: fits in one session
   dev mnist-input-consistency-s0.25
-  train configs/mnist/splitz-consistency-s1.0.json 200
-  dev mnist-splitz-consistency-s1.0
   train configs/cifar10/input-consistency-s0.5.json 50
   dev cifar10-input-consistency-s0.5
+  train configs/mnist/splitz-consistency-s1.0.json 200
+  dev mnist-splitz-consistency-s1.0
   full mnist-splitz-consistency-s1.0 --order spread
 }
 
