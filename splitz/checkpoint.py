@@ -81,7 +81,7 @@ class ModelCard(BaseModel):
     pixel_range: tuple[float, float] = PIXEL_RANGE
     preprocess: Preprocess | None = None  # before certification: radii are in its output's pixels
     bound_method: str = BOUND_METHODS["conv1"]  # default: BOUND_METHODS[split]
-    precision: str = "float32"
+    precision: str = "float32"  # bfloat16 once it held (bench/precision.py), where native
     batch_size: int = Field(1000, ge=1)  # samples per forward pass (bench/engine.py --record)
     description: str = ""
     training: dict[str, Any] = Field(default_factory=dict)  # command, config, time, hardware

@@ -14,7 +14,7 @@ from . import checkpoint, data, evaluate, importer
 from .errors import InputError, SplitzError
 from .images import load_image
 from .lipschitz import layer_profile
-from .smoothing import PRECISIONS, SEED_LIMIT, Smooth, known_draw
+from .smoothing import PRECISIONS, SEED_LIMIT, Smooth, default_precision, known_draw
 from .stats import FIXED_BOUNDS, text_down, text_up
 from .train import TrainConfig, train
 
@@ -361,7 +361,8 @@ def _evaluate(args) -> int:
     every = args.every or {"cifar10": 20, "mnist": 10}.get(dataset, 1)
     protocol = {"data": dataset, "every": every, "order": args.order, "n0": args.n0, "n": args.n,
                 "alpha": args.alpha, "seed": args.seed,
-                "precision": args.precision or loaded.card.precision}
+                "precision": args.precision or default_precision(loaded.card.precision,
+                                                                  args.device)}
     if args.out.exists():
         _check_resume(loaded.card.metrics.get(args.out.stem), protocol, args.out)
     summary = evaluate.evaluate(loaded, args.out, every, args.limit, args.n0, args.n, args.alpha,

@@ -132,6 +132,30 @@ class RadiusAnswer:
 
 
 PRECISIONS = {"float32": torch.float32, "bfloat16": torch.bfloat16}
+CPU_BFLOAT16_FLAGS = {"avx512_bf16", "amx_bf16"}  # /proc/cpuinfo: bfloat16 in hardware
+
+
+def native_bfloat16(device: torch.device, cpuinfo: str = "/proc/cpuinfo") -> bool:
+    """Whether `device` computes bfloat16 in hardware. Elsewhere torch emulates it, 8-10x slower
+    than float32 (the MNIST LeNet and ResNet-20 on an AVX2 CPU, docs/performance.md)."""
+    if device.type == "cuda":
+        return torch.cuda.is_bf16_supported(including_emulation=False)
+    try:
+        with open(cpuinfo) as f:
+            return any(not CPU_BFLOAT16_FLAGS.isdisjoint(line.split())
+                       for line in f if line.startswith("flags"))
+    except OSError:  # not Linux: not known to be native
+        return False
+
+
+def default_precision(card_precision: str, device: str | torch.device) -> str:
+    """f2's precision when none is asked for: the card's, where the device computes it in
+    hardware, else float32. A card says bfloat16 only after its certified accuracy held at
+    bfloat16 (bench/precision.py), so either precision certifies the model as measured; each
+    certificate records the one it used."""
+    if card_precision == "float32" or native_bfloat16(_device(str(device))):
+        return card_precision
+    return "float32"
 
 
 class Smooth:
@@ -166,9 +190,10 @@ class Smooth:
     @classmethod
     def from_checkpoint(cls, loaded: LoadedModel, batch_size: int | None = None,
                         device: str = "cpu", precision: str | None = None) -> "Smooth":
-        """The card's tuned batch size and precision unless others are asked for."""
+        """The card's tuned batch size and precision (`default_precision`) unless others are
+        asked for."""
         return cls(loaded.model, batch_size or loaded.card.batch_size, device, loaded.card.id,
-                   loaded.sha256, precision or loaded.card.precision,
+                   loaded.sha256, precision or default_precision(loaded.card.precision, device),
                    loaded.card.preprocess.describe() if loaded.card.preprocess else None)
 
     def certify(self, x: Tensor, n0: int = 100, n: int = 100_000, alpha: float = 0.001,

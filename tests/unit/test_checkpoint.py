@@ -6,7 +6,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from splitz import Smooth, checkpoint
+from splitz import Smooth, checkpoint, smoothing
 from splitz.errors import CheckpointError, UnknownModelError
 from splitz.nets import create_model
 
@@ -108,6 +108,31 @@ def test_the_cards_batch_size_is_the_engines_default(tmp_path):
     assert cert.batch_size == 37  # recorded: with the seed it reproduces the draws
     with pytest.raises(ValueError):
         card(batch_size=0)
+
+
+@pytest.mark.parametrize("native", [True, False])
+def test_a_bfloat16_card_certifies_in_bfloat16_only_where_the_hardware_has_it(
+        tmp_path, monkeypatch, native):
+    monkeypatch.setattr(smoothing, "native_bfloat16", lambda device: native)
+    model = create_model("lenet", "mnist", "conv1", 0.5, width=4)
+    cards = {p: card(id=f"m-{p}", precision=p, arch_kwargs={"width": 4})
+             for p in ("float32", "bfloat16")}
+    loaded = {p: checkpoint.load(checkpoint.save(model, c, tmp_path / c.id))
+              for p, c in cards.items()}
+    used = Smooth.from_checkpoint(loaded["bfloat16"]).certify(torch.rand(1, 28, 28), n0=10,
+                                                              n=100)[0].precision
+    assert used == ("bfloat16" if native else "float32")  # recorded in the certificate
+    assert Smooth.from_checkpoint(loaded["float32"]).precision == "float32"
+    assert Smooth.from_checkpoint(loaded["float32"], precision="bfloat16").precision == "bfloat16"
+
+
+def test_native_bfloat16_reads_the_cpu_flags(tmp_path):
+    cpuinfo = tmp_path / "cpuinfo"
+    for flags, native in {"avx2 fma": False, "avx2 avx512f avx512_bf16": True,
+                          "avx2 amx_bf16 amx_tile": True}.items():
+        cpuinfo.write_text(f"processor\t: 0\nflags\t\t: fpu {flags}\n")
+        assert smoothing.native_bfloat16(torch.device("cpu"), str(cpuinfo)) is native
+    assert not smoothing.native_bfloat16(torch.device("cpu"), str(tmp_path / "absent"))
 
 
 def test_a_known_data_set_gives_the_input_and_a_card_may_declare_its_own():
