@@ -219,9 +219,8 @@ def main() -> None:
     if args.record and args.model:
         own = [r for r in rows
                if r["figure"] == "engine" and r["precision"] == loaded.card.precision]
-        card = checkpoint.read_card(args.model)  # fresh: the card may have changed meanwhile
-        card.batch_size = max(own, key=lambda r: r["samples_per_s"])["batch"]
-        checkpoint.write_card(card, args.model)
+        best = max(own, key=lambda r: r["samples_per_s"])["batch"]
+        card = checkpoint.update_card(args.model, lambda c: setattr(c, "batch_size", best))
         print(f"recorded batch_size={card.batch_size} in {args.model}/card.json")
 
 

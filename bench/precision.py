@@ -47,14 +47,15 @@ def main() -> None:
     print(f"\nlargest change of certified accuracy: {change:.1f} points on "
           f"{runs['float32'].images} images: bfloat16 {'qualifies' if holds else 'does not'}")
     if args.record and holds:
-        card = checkpoint.read_card(args.model)  # fresh: the card may have changed meanwhile
-        card.precision = "bfloat16"
-        card.metrics["precision_check"] = {
-            "images": runs["float32"].images, "every": every, "n": args.n,
-            "largest_change_points": round(change, 2),
-            "certified_accuracy": {pr: {str(r): a for r, a in s.certified_accuracy.items()}
-                                   for pr, s in runs.items()}}
-        checkpoint.write_card(card, args.model)
+        def qualify(card: checkpoint.ModelCard) -> None:
+            card.precision = "bfloat16"
+            card.metrics["precision_check"] = {
+                "images": runs["float32"].images, "every": every, "n": args.n,
+                "largest_change_points": round(change, 2),
+                "certified_accuracy": {pr: {str(r): a for r, a in s.certified_accuracy.items()}
+                                       for pr, s in runs.items()}}
+
+        checkpoint.update_card(args.model, qualify)
         print(f"recorded precision=bfloat16 in {args.model}/card.json")
 
 

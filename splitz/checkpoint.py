@@ -20,7 +20,7 @@ import os
 import re
 import secrets
 import shutil
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from functools import partial
@@ -166,6 +166,21 @@ def write_card(card: ModelCard, directory: Path) -> None:
     tmp = Path(directory) / f".{CARD}.tmp"
     tmp.write_text(text + "\n")
     tmp.replace(Path(directory) / CARD)  # atomic: a reader never sees a half-written card
+
+
+def update_card(directory: Path, change: Callable[[ModelCard], None]) -> ModelCard:
+    """Read the card, `change` it and write it back, holding an exclusive flock on the folder
+    throughout, so that processes recording into one card (a long evaluation after every image,
+    a benchmark) never lose each other's fields."""
+    fd = os.open(directory, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX)
+        card = read_card(directory)
+        change(card)
+        write_card(card, directory)
+        return card
+    finally:
+        os.close(fd)
 
 
 def read_card(directory: Path) -> ModelCard:

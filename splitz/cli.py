@@ -5,6 +5,7 @@ import json
 import shlex
 import sys
 from collections.abc import Sequence
+from functools import partial
 from pathlib import Path
 
 import torch
@@ -88,7 +89,7 @@ def _parser() -> argparse.ArgumentParser:
                     help="test set (default: the card's data set; cifar10-exact1000 and "
                          "cifar10-jpeg1000 are the first 1000 CIFAR-10 test images, exact / JPEG)")
     ev.add_argument("--record", action="store_true",
-                    help="write the summary into the model card's metrics")
+                    help="write the run into the model card's metrics, after every image")
     ev.set_defaults(run=_evaluate)
 
     pl = sub.add_parser("plot", help="certified accuracy vs radius for several TSVs, one PNG")
@@ -365,21 +366,25 @@ def _evaluate(args) -> int:
                                                                   args.device)}
     if args.out.exists():
         _check_resume(loaded.card.metrics.get(args.out.stem), protocol, args.out)
+    record = partial(_record, args, protocol) if args.record else None
     summary = evaluate.evaluate(loaded, args.out, every, args.limit, args.n0, args.n, args.alpha,
                                 args.batch, args.seed, args.data_root, args.device, dataset,
-                                args.precision, args.order)
+                                protocol["precision"], args.order, on_row=record)
     print(evaluate.markdown_table({loaded.card.id: summary}))
-    if args.record:
-        card = checkpoint.read_card(args.model)  # fresh: another run may have recorded meanwhile
-        card.metrics[args.out.stem] = {
-            "tsv": args.out.name, **protocol, "images": summary.images,
-            "batch": args.batch or loaded.card.batch_size,
-            "certified_accuracy": {str(r): a for r, a in summary.certified_accuracy.items()},
-            "average_certified_radius": summary.average_certified_radius,
-            "command": shlex.join(["splitz", *sys.argv[1:]]) if sys.argv[1:] else "evaluate",
-        }
-        checkpoint.write_card(card, args.model)
+    if record:
+        record(summary)  # also when no row was added
     return 0
+
+
+def _record(args, protocol: dict, summary: evaluate.Summary) -> None:
+    """The run so far into the model card (after every image: the card always matches the TSV)."""
+    checkpoint.update_card(args.model, lambda card: card.metrics.update({args.out.stem: {
+        "tsv": args.out.name, **protocol, "images": summary.images,
+        "batch": args.batch or card.batch_size,
+        "certified_accuracy": {str(r): a for r, a in summary.certified_accuracy.items()},
+        "average_certified_radius": summary.average_certified_radius,
+        "command": shlex.join(["splitz", *sys.argv[1:]]) if sys.argv[1:] else "evaluate",
+    }}))
 
 
 def _check_resume(recorded: dict | None, protocol: dict, out: Path) -> None:

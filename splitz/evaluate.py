@@ -2,6 +2,7 @@
 
 import csv
 import random
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -30,9 +31,10 @@ def evaluate(loaded: LoadedModel, out: Path, every: int, limit: int | None = Non
              n0: int = 100, n: int = 100_000, alpha: float = 0.001, batch_size: int | None = None,
              seed: int = 0, data_root: Path | None = None, device: str = "cpu",
              dataset: str | None = None, precision: str | None = None,
-             order: str = "index") -> Summary:
+             order: str = "index", on_row: Callable[[Summary], None] | None = None) -> Summary:
     """Certify test images 0, every, 2*every, ... of `dataset` (default: the card's), the first
-    `limit` of them in `order` (see `subset`); resumes an interrupted TSV where it stopped."""
+    `limit` of them in `order` (see `subset`); resumes an interrupted TSV where it stopped.
+    on_row gets the summary of the TSV after each row written."""
     dataset = dataset or loaded.card.dataset
     if dataset not in data.SPECS.keys() | data.VARIANTS.keys():
         raise InputError(f"no test set for data set {dataset!r}: evaluate knows "
@@ -41,7 +43,8 @@ def evaluate(loaded: LoadedModel, out: Path, every: int, limit: int | None = Non
         raise InputError(f"model {loaded.card.id} is for {loaded.card.dataset}, not {dataset}")
     test = data.load(dataset, train=False, root=data_root)
     planned = subset(len(test), every, order)
-    done = {int(r["idx"]) for r in read_tsv(out)} if out.exists() else set()
+    rows = read_tsv(out) if out.exists() else []
+    done = {int(r["idx"]) for r in rows}
     if done != set(planned[:len(done)]):
         raise InputError(f"{out} holds other images than the first {len(done)} of every "
                          f"{every}th in {order} order: resume it with the options that wrote it")
@@ -57,10 +60,14 @@ def evaluate(loaded: LoadedModel, out: Path, every: int, limit: int | None = Non
             x, label = test[idx]
             c = smooth.certify(x, n0=n0, n=n, alpha=alpha, seed=seed + idx)[0]
             pred = -1 if c.abstained else c.prediction
-            writer.writerow([idx, int(label), pred, text_down(c.radius, 6), int(pred == int(label)),
-                             f"{c.time_s:.3f}", text_up(c.lipschitz, 6), text_down(c.p_a_lower, 6)])
+            row = [idx, int(label), pred, text_down(c.radius, 6), int(pred == int(label)),
+                   f"{c.time_s:.3f}", text_up(c.lipschitz, 6), text_down(c.p_a_lower, 6)]
+            writer.writerow(row)
             f.flush()
-    return summarize(read_tsv(out))
+            rows.append(dict(zip(COLUMNS, map(str, row), strict=True)))
+            if on_row is not None:
+                on_row(summarize(rows))
+    return summarize(rows)
 
 
 def subset(size: int, every: int, order: str = "index") -> list[int]:

@@ -135,6 +135,25 @@ def test_native_bfloat16_reads_the_cpu_flags(tmp_path):
     assert not smoothing.native_bfloat16(torch.device("cpu"), str(tmp_path / "absent"))
 
 
+def _count_into(path, key: str, times: int) -> None:
+    for _ in range(times):
+        checkpoint.update_card(path, lambda c: c.metrics.update({key: c.metrics.get(key, 0) + 1}))
+
+
+def test_concurrent_card_updates_lose_nothing(saved):
+    import multiprocessing
+
+    _, path = saved
+    ctx = multiprocessing.get_context("fork")
+    workers = [ctx.Process(target=_count_into, args=(path, key, 40)) for key in "abab"]
+    for w in workers:
+        w.start()
+    for w in workers:
+        w.join()
+    assert checkpoint.read_card(path).metrics == {"a": 80, "b": 80}
+    assert sorted(p.name for p in path.iterdir()) == ["card.json", "model.safetensors"]
+
+
 def test_a_known_data_set_gives_the_input_and_a_card_may_declare_its_own():
     from splitz.data import SPECS
 

@@ -157,6 +157,33 @@ def test_evaluate_resumes_only_the_same_subset_order_and_protocol(fake_mnist, tm
     assert len(rec.read_text().splitlines()) == 5
 
 
+def test_a_recorded_evaluation_is_in_the_card_after_every_image(fake_mnist, tmp_path,
+                                                                  monkeypatch, capsys):
+    from splitz import Smooth
+
+    card = checkpoint.ModelCard(id="input", arch="lenet", dataset="mnist", split="input",
+                                sigma=0.5)
+    model = checkpoint.save(create_model("lenet", "mnist", "input", 0.5), card, tmp_path / "m")
+    tsv = tmp_path / "rec.tsv"
+    args = ["evaluate", "--model", str(model), "--out", str(tsv), "--every", "16", "--n", "50",
+            "--n0", "10", "--data-root", str(fake_mnist), "--record"]
+    certify, calls = Smooth.certify, []
+
+    def killed_at_the_fourth(self, *a, **k):  # the process dies certifying its fourth image
+        calls.append(1)
+        if len(calls) == 4:
+            raise KeyboardInterrupt
+        return certify(self, *a, **k)
+
+    monkeypatch.setattr(Smooth, "certify", killed_at_the_fourth)
+    assert main(args) == 130
+    recorded = checkpoint.read_card(model).metrics["rec"]
+    assert recorded["images"] == 3 == len(tsv.read_text().splitlines()) - 1
+    monkeypatch.undo()
+    assert main(args) == 0  # resumes under the recorded protocol
+    assert checkpoint.read_card(model).metrics["rec"]["images"] == 4
+
+
 def test_query_answers_with_fewer_samples(model_dir, digit, capsys):
     assert main(["query", str(digit), "--model", str(model_dir), "--radius", "0.01",
                  "--n", "4000", "--batch", "200", "--json"]) == 0
