@@ -13,9 +13,10 @@ format) under `torch.no_grad`, argmax, and its Python counting loop; at the fast
 fastest batch in each precision, and the speed-ups of each round's pair are reported as median
 and range, so a load that drifts during the run moves both sides of a ratio alike.
 
-Prints one JSON line per figure, then a table. --record writes the fastest batch at the card's
-precision into the model card, where the engine, evaluation and workers take it from. --arch
-times an architecture of the registry with random weights (speed does not depend on them).
+Prints one JSON line per figure, then a table. --record writes the fastest batch at the precision
+the card gives on this device (default_precision) into the card, where the engine, evaluation
+and workers take it from. --arch times an architecture of the registry with random weights
+(speed does not depend on them).
 """
 
 import argparse  # noqa: I001  (splitz before torch: it sets the OpenMP spin torch loads with)
@@ -29,6 +30,7 @@ import torch
 from torch.utils.flop_counter import FlopCounterMode
 
 from splitz import Smooth, checkpoint, load_model
+from splitz.smoothing import default_precision
 from splitz.nets import SplitModel, create_model
 from splitz.noise import NoiseStream
 
@@ -218,7 +220,8 @@ def main() -> None:
           f"{ref['min']:>9,.0f}-{ref['max']:<8,.0f}")
     if args.record and args.model:
         own = [r for r in rows
-               if r["figure"] == "engine" and r["precision"] == loaded.card.precision]
+               if r["figure"] == "engine" and r["precision"] == default_precision(
+                   loaded.card.precision, args.device)]
         best = max(own, key=lambda r: r["samples_per_s"])["batch"]
         card = checkpoint.update_card(args.model, lambda c: setattr(c, "batch_size", best))
         print(f"recorded batch_size={card.batch_size} in {args.model}/card.json")

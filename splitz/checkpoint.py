@@ -25,7 +25,7 @@ from contextlib import contextmanager
 from dataclasses import dataclass
 from functools import partial
 from pathlib import Path
-from typing import Any, BinaryIO
+from typing import Any, BinaryIO, Literal
 
 from pydantic import (
     BaseModel,
@@ -81,7 +81,7 @@ class ModelCard(BaseModel):
     pixel_range: tuple[float, float] = PIXEL_RANGE
     preprocess: Preprocess | None = None  # before certification: radii are in its output's pixels
     bound_method: str = BOUND_METHODS["conv1"]  # default: BOUND_METHODS[split]
-    precision: str = "float32"  # bfloat16 once it held (bench/precision.py), where native
+    precision: Literal["float32", "bfloat16"] = "float32"  # f2's; see default_precision
     batch_size: int = Field(1000, ge=1)  # samples per forward pass (bench/engine.py --record)
     description: str = ""
     training: dict[str, Any] = Field(default_factory=dict)  # command, config, time, hardware
@@ -168,19 +168,32 @@ def write_card(card: ModelCard, directory: Path) -> None:
     tmp.replace(Path(directory) / CARD)  # atomic: a reader never sees a half-written card
 
 
-def update_card(directory: Path, change: Callable[[ModelCard], None]) -> ModelCard:
+def update_card(directory: Path, change: Callable[[ModelCard], None],
+                weights_sha256: str | None = None) -> ModelCard:
     """Read the card, `change` it and write it back, holding an exclusive flock on the folder
     throughout, so that processes recording into one card (a long evaluation after every image,
-    a benchmark) never lose each other's fields."""
-    fd = os.open(directory, os.O_RDONLY | os.O_DIRECTORY)
-    try:
-        fcntl.flock(fd, fcntl.LOCK_EX)
-        card = read_card(directory)
-        change(card)
-        write_card(card, directory)
-        return card
-    finally:
-        os.close(fd)
+    a benchmark) never lose each other's fields. With `weights_sha256`, refuses (CheckpointError)
+    when the folder's weights are no longer those: the model was replaced meanwhile."""
+    for _ in range(READ_TRIES):
+        try:
+            fd = os.open(directory, os.O_RDONLY | os.O_DIRECTORY)
+        except OSError as e:
+            raise CheckpointError(f"cannot open model folder {directory}: {e.strerror}") from None
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX)
+            if _moved(fd, directory):
+                continue  # replaced while we waited: lock the folder the path names now
+            if weights_sha256 is not None and version(directory)[1] != weights_sha256:
+                raise CheckpointError(f"the model in {directory} was replaced: its card no "
+                                      "longer describes the weights this run used")
+            card = read_card(directory)
+            change(card)
+            write_card(card, directory)
+            return card
+        finally:
+            os.close(fd)
+    raise CheckpointError(f"model folder {directory} was replaced {READ_TRIES} times while its "
+                          "card was being updated")
 
 
 def read_card(directory: Path) -> ModelCard:

@@ -363,12 +363,17 @@ def _evaluate(args) -> int:
     protocol = {"data": dataset, "every": every, "order": args.order, "n0": args.n0, "n": args.n,
                 "alpha": args.alpha, "seed": args.seed,
                 "precision": args.precision or default_precision(loaded.card.precision,
-                                                                  args.device)}
+                                                                  args.device),
+                "batch": args.batch or loaded.card.batch_size}
+    sidecar = args.out.with_suffix(".protocol.json")
     if args.out.exists():
-        _check_resume(loaded.card.metrics.get(args.out.stem), protocol, args.out)
-    record = partial(_record, args, protocol) if args.record else None
+        _check_resume(loaded.card.metrics.get(args.out.stem), sidecar, protocol, args.out)
+    else:
+        args.out.parent.mkdir(parents=True, exist_ok=True)
+        sidecar.write_text(json.dumps(protocol, indent=2) + "\n")
+    record = partial(_record, args, protocol, loaded.sha256) if args.record else None
     summary = evaluate.evaluate(loaded, args.out, every, args.limit, args.n0, args.n, args.alpha,
-                                args.batch, args.seed, args.data_root, args.device, dataset,
+                                protocol["batch"], args.seed, args.data_root, args.device, dataset,
                                 protocol["precision"], args.order, on_row=record)
     print(evaluate.markdown_table({loaded.card.id: summary}))
     if record:
@@ -376,21 +381,27 @@ def _evaluate(args) -> int:
     return 0
 
 
-def _record(args, protocol: dict, summary: evaluate.Summary) -> None:
-    """The run so far into the model card (after every image: the card always matches the TSV)."""
+def _record(args, protocol: dict, weights_sha256: str, summary: evaluate.Summary) -> None:
+    """The run so far into the model card, after every image: the card is at most the one image
+    being written behind the TSV."""
     checkpoint.update_card(args.model, lambda card: card.metrics.update({args.out.stem: {
         "tsv": args.out.name, **protocol, "images": summary.images,
-        "batch": args.batch or card.batch_size,
         "certified_accuracy": {str(r): a for r, a in summary.certified_accuracy.items()},
         "average_certified_radius": summary.average_certified_radius,
         "command": shlex.join(["splitz", *sys.argv[1:]]) if sys.argv[1:] else "evaluate",
-    }}))
+    }}), weights_sha256)
 
 
-def _check_resume(recorded: dict | None, protocol: dict, out: Path) -> None:
-    """A TSV the card recorded resumes only under the protocol it was recorded with: rows under
-    another test set, n, seed or precision would mix into one run."""
+def _check_resume(recorded: dict | None, sidecar: Path, protocol: dict, out: Path) -> None:
+    """A TSV resumes only under the protocol that wrote it (the card's record of it, else the
+    `.protocol.json` written beside it): rows under another test set, n, seed, precision or
+    batch would mix into one run. A TSV with neither (older) is not checked."""
     if not isinstance(recorded, dict) or recorded.get("tsv") != out.name:
+        try:
+            recorded = json.loads(sidecar.read_text()) if sidecar.is_file() else None
+        except (OSError, ValueError) as e:
+            raise InputError(f"unreadable {sidecar} ({e}): write a new TSV") from None
+    if not isinstance(recorded, dict):
         return
     differ = []
     for key, value in protocol.items():
@@ -398,7 +409,7 @@ def _check_resume(recorded: dict | None, protocol: dict, out: Path) -> None:
         if was != value:
             differ.append(f"{key} {was} (now {value})")
     if differ:
-        raise InputError(f"{out} was recorded with {', '.join(differ)}: resume it with the "
+        raise InputError(f"{out} was written with {', '.join(differ)}: resume it with the "
                          "options that wrote it, or write a new TSV")
 
 

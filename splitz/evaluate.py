@@ -50,7 +50,7 @@ def evaluate(loaded: LoadedModel, out: Path, every: int, limit: int | None = Non
                          f"{every}th in {order} order: resume it with the options that wrote it")
     indices = planned[:limit]
     smooth = Smooth.from_checkpoint(loaded, batch_size, device, precision)
-    new = not out.exists()
+    new = not out.exists() or out.stat().st_size == 0  # killed before its header: rewrite
     out.parent.mkdir(parents=True, exist_ok=True)
     with open(out, "a", newline="") as f:
         writer = csv.writer(f, delimiter="\t")

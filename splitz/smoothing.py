@@ -138,8 +138,10 @@ CPU_BFLOAT16_FLAGS = {"avx512_bf16", "amx_bf16"}  # /proc/cpuinfo: bfloat16 in h
 def native_bfloat16(device: torch.device, cpuinfo: str = "/proc/cpuinfo") -> bool:
     """Whether `device` computes bfloat16 in hardware. Elsewhere torch emulates it, 8-10x slower
     than float32 (the MNIST LeNet and ResNet-20 on an AVX2 CPU, docs/performance.md)."""
-    if device.type == "cuda":
-        return torch.cuda.is_bf16_supported(including_emulation=False)
+    if device.type == "cuda":  # bfloat16 tensor cores from Ampere (compute capability 8.0)
+        return torch.cuda.get_device_capability(device) >= (8, 0)
+    if device.type != "cpu":
+        return False
     try:
         with open(cpuinfo) as f:
             return any(not CPU_BFLOAT16_FLAGS.isdisjoint(line.split())
@@ -150,7 +152,7 @@ def native_bfloat16(device: torch.device, cpuinfo: str = "/proc/cpuinfo") -> boo
 
 def default_precision(card_precision: str, device: str | torch.device) -> str:
     """f2's precision when none is asked for: the card's, where the device computes it in
-    hardware, else float32. A card says bfloat16 only after its certified accuracy held at
+    hardware, else float32. Our cards say bfloat16 only after their certified accuracy held at
     bfloat16 (bench/precision.py), so either precision certifies the model as measured; each
     certificate records the one it used."""
     if card_precision == "float32" or native_bfloat16(_device(str(device))):

@@ -150,8 +150,20 @@ def test_concurrent_card_updates_lose_nothing(saved):
         w.start()
     for w in workers:
         w.join()
+    assert [w.exitcode for w in workers] == [0] * 4
     assert checkpoint.read_card(path).metrics == {"a": 80, "b": 80}
     assert sorted(p.name for p in path.iterdir()) == ["card.json", "model.safetensors"]
+
+
+def test_a_card_update_for_replaced_weights_is_refused(saved, tmp_path):
+    model, path = saved
+    sha = checkpoint.load(path).sha256
+    checkpoint.update_card(path, lambda c: c.metrics.update(run=1), sha)
+    checkpoint.save(create_model("lenet", "mnist", "conv1", 0.5), card(), path)  # new weights
+    with pytest.raises(CheckpointError, match="was replaced"):
+        checkpoint.update_card(path, lambda c: c.metrics.update(run=2), sha)
+    with pytest.raises(CheckpointError, match="cannot open model folder"):
+        checkpoint.update_card(tmp_path / "gone", lambda c: None)
 
 
 def test_a_known_data_set_gives_the_input_and_a_card_may_declare_its_own():

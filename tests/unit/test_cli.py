@@ -3,7 +3,7 @@ import json
 import pytest
 import torch
 
-from splitz import checkpoint
+from splitz import checkpoint, smoothing
 from splitz.cli import main
 from splitz.images import save_image
 from splitz.nets import create_model
@@ -152,9 +152,28 @@ def test_evaluate_resumes_only_the_same_subset_order_and_protocol(fake_mnist, tm
     rec = tmp_path / "rec.tsv"
     assert main([*args[:4], str(rec), *args[5:], "--limit", "1", "--record"]) == 0
     assert main([*args[:4], str(rec), *args[5:], "--seed", "7", "--n", "60"]) == 2
-    assert "was recorded with n 50 (now 60), seed 0 (now 7)" in capsys.readouterr().err
+    assert "was written with n 50 (now 60), seed 0 (now 7)" in capsys.readouterr().err
     assert main([*args[:4], str(rec), *args[5:], "--record"]) == 0  # same protocol: resumes
     assert len(rec.read_text().splitlines()) == 5
+    # one not recorded, by the protocol written beside it
+    assert main([*args[:4], str(half), *args[5:-2], "--batch", "7"]) == 2
+    assert "was written with batch 1000 (now 7)" in capsys.readouterr().err
+    assert json.loads(half.with_suffix(".protocol.json").read_text())["n"] == 50
+
+
+def test_a_resume_where_the_default_precision_differs_is_refused(fake_mnist, tmp_path,
+                                                                 monkeypatch, capsys):
+    card = checkpoint.ModelCard(id="input", arch="lenet", dataset="mnist", split="input",
+                                sigma=0.5, precision="bfloat16")
+    model = checkpoint.save(create_model("lenet", "mnist", "input", 0.5), card, tmp_path / "m")
+    args = ["evaluate", "--model", str(model), "--out", str(tmp_path / "run.tsv"), "--every",
+            "16", "--n", "50", "--n0", "10", "--data-root", str(fake_mnist)]
+    monkeypatch.setattr(smoothing, "native_bfloat16", lambda device: False)
+    assert main([*args, "--limit", "1"]) == 0  # float32 on this device
+    monkeypatch.setattr(smoothing, "native_bfloat16", lambda device: True)
+    assert main(args) == 2  # a device with bfloat16 would mix the two classifiers
+    assert "precision float32 (now bfloat16)" in capsys.readouterr().err
+    assert main([*args, "--precision", "float32"]) == 0
 
 
 def test_a_recorded_evaluation_is_in_the_card_after_every_image(fake_mnist, tmp_path,
