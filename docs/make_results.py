@@ -288,7 +288,9 @@ def same_images(groups: dict[tuple[str, float], list[Run]], summaries: dict[str,
             if any(not ours <= set(rows) for rows in by_run.values()):
                 continue  # images the logs do not hold
             lines.append(evaluate.markdown_row(r.name, summaries[r.name]))
-            for label, pick in (("same images", ours), ("whole subset", None)):
+            covers_all = all(ours == set(rows) for rows in by_run.values())
+            picks = (("same images", ours), ("whole subset", None))[:1 if covers_all else 2]
+            for label, pick in picks:
                 pub = [evaluate.summarize([rows[i] for i in (sorted(rows) if pick is None
                                                              else pick)])
                        for rows in by_run.values()]

@@ -134,6 +134,11 @@ def test_baselines_meet_the_published_logs_on_their_own_images(results, tmp_path
     # run a certifies images 0 and 1 up to 1.0 and 0.3; run b image 0 up to 0.5, image 1 wrong
     assert same[1:8] == ["2", "50.0–100.0", "50.0–100.0", "50.0", "0.0–50.0", "0.0–50.0", "0.0"]
     assert whole[1] == "4" and whole[-1] == "1.125–1.325 |"  # ACR (0.5+0+2+2)/4, (1+0.3+2+2)/4
+    full = _run(results, tmp_path, "cohen-all", [1.0] * 4, False, every=1)  # all four images
+    summaries = {full.name: evaluate.summarize(evaluate.read_tsv(full.tsv))}
+    rows = [line.split(" | ")[0] for line in results.same_images(
+        {("mnist", 0.5): [full]}, summaries, logs) if line.startswith("| ")]
+    assert rows[1:] == ["| cohen-all", published[0]]  # the same images are the whole subset
 
 
 def test_a_spread_order_run_is_another_protocol(results, tmp_path):
