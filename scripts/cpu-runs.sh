@@ -49,6 +49,12 @@ full() {  # id [options]: the standard MNIST protocol (every 10th test image, n 
   evaluate "$id" eval-every10-n100000 --every 10 --n 100000 "$@"
 }
 
+samples() {  # id: bench/samples.py on the standard subset, the fixed column from its full run
+  mkdir -p docs/samples
+  .venv/bin/python bench/samples.py --model "models/$1" --out "docs/samples/$1.tsv" \
+    --fixed "models/$1/eval-every10-n100000.tsv"
+}
+
 # The issue's order: MNIST baselines (s0.5, s1.0 full protocol; s0.25), CIFAR-10 s0.5 and s0.25,
 # the SPLITZ variant under the same recipe; development runs right after training. A step
 # that outlasts a session carries on in the next from wip/ (trainings) or its TSV.
@@ -68,16 +74,23 @@ queue2() {
   full mnist-input-consistency-s0.25 --order spread
   train configs/cifar10/input-consistency-s0.25.json 50
   dev cifar10-input-consistency-s0.25
+  samples mnist-input-consistency-s0.5  # issue 14, item 4
 }
 
-mkdir -p runs
-case "${1:-}" in
-  1|2) exec 9>"runs/queue$1.lock"  # one copy of a queue at a time, even across sessions' starts
-       flock -n 9 || { echo "queue $1 is already running"; exit 0; }
-       "queue$1" ;;
-  "") for q in 1 2; do
-        nohup bash "$SELF" "$q" >> "runs/queue$q.log" 2>&1 &
-        echo "queue $q: pid $!, log runs/queue$q.log"
-      done ;;
-  *) echo "usage: $0 [1|2]" >&2; exit 2 ;;
-esac
+main() {
+  mkdir -p runs
+  case "${1:-}" in
+    1|2) exec 9>"runs/queue$1.lock"  # one copy of a queue at a time, even across sessions' starts
+         flock -n 9 || { echo "queue $1 is already running"; exit 0; }
+         "queue$1" ;;
+    "") for q in 1 2; do
+          nohup bash "$SELF" "$q" >> "runs/queue$q.log" 2>&1 &
+          echo "queue $q: pid $!, log runs/queue$q.log"
+        done ;;
+    *) echo "usage: $0 [1|2]" >&2; exit 2 ;;
+  esac
+}
+
+# One line: bash has parsed all of it before it runs, so editing this file while queues run
+# (bash reads a script as it goes) cannot change what they do next.
+main "$@"; exit
