@@ -30,9 +30,9 @@ import torch
 from torch.utils.flop_counter import FlopCounterMode
 
 from splitz import Smooth, checkpoint, load_model
-from splitz.smoothing import default_precision
 from splitz.nets import SplitModel, create_model
 from splitz.noise import NoiseStream
+from splitz.smoothing import default_precision
 
 
 def f2_flops(smooth: Smooth) -> float:
