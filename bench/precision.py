@@ -15,7 +15,7 @@ import argparse
 from pathlib import Path
 
 from splitz import checkpoint, load_model
-from splitz.evaluate import evaluate, markdown_table
+from splitz.evaluate import Protocol, evaluate, markdown_table
 
 TOLERANCE_POINTS = 1.0
 
@@ -32,13 +32,13 @@ def main() -> None:
     p.add_argument("--record", action="store_true", help="set the card to bfloat16 if it holds")
     args = p.parse_args()
     loaded = load_model(args.model)
-    every = args.every or {"cifar10": 20, "mnist": 10}.get(loaded.card.dataset, 1)
     runs = {}
     for precision in ("float32", "bfloat16"):
+        protocol = Protocol.of(loaded, args.data, args.every, n=args.n, precision=precision)
+        every = protocol.every
         tsv = args.out_dir / f"{loaded.card.id}-every{every}-first{args.limit}-n{args.n}-" \
                              f"{precision}.tsv"
-        runs[precision] = evaluate(loaded, tsv, every, args.limit, n=args.n,
-                                   dataset=args.data, precision=precision)
+        runs[precision] = evaluate(loaded, tsv, protocol, args.limit)
     print(markdown_table(runs))
     change = max(abs(a - b) * 100 for a, b in zip(
         runs["float32"].certified_accuracy.values(), runs["bfloat16"].certified_accuracy.values(),

@@ -11,9 +11,11 @@ Image i (test images 0, every, 2 every, ... of --data) is certified adaptively (
 budget --n) and queried at each radius of --radii (early stopping, at most --n votes), all with
 the seed seed + i and the batch size of the fixed run, so each draws the same votes as the fixed
 run, in the same order. The fixed-n column comes from --fixed, an existing `splitz evaluate` TSV
-of the same model and images at n (its card entry gives the batch size and seed), or, without
-it, from certifying here. One row per image is appended to --out and flushed, so an interrupted
-run resumes where it stopped; --summary prints the tables of an --out file without sampling.
+of the same model and images at n (its card entry gives the subset, order, batch size, seed and
+precision, and must match n0, n and alpha), or, without it, from certifying here. One row per
+image is appended to --out and flushed, so an interrupted run resumes where it stopped, under the
+options that wrote it only (<out>.protocol.json); --summary prints the tables of an --out file
+without sampling.
 
 Prints JSON lines, then markdown tables: mean samples per image (n0 included) with their share
 of fixed n; certified accuracy per radius and ACR, fixed vs adaptive; per query radius, the share
@@ -25,6 +27,7 @@ import argparse  # noqa: I001  (splitz before torch: it sets the OpenMP spin tor
 import csv
 import json
 import time
+from dataclasses import asdict
 from pathlib import Path
 
 import splitz  # noqa: F401
@@ -32,7 +35,8 @@ import torch
 from tqdm import tqdm
 
 from splitz import Smooth, data, load_model
-from splitz.evaluate import RADII, read_tsv, summarize
+from splitz.errors import SplitzError
+from splitz.evaluate import RADII, Protocol, claim, read_tsv, subset, summarize
 
 
 def columns(radii: list[float]) -> list[str]:
@@ -72,39 +76,44 @@ def main() -> None:
     args = p.parse_args()
     radii = [float(r) for r in args.radii.split(",")]
     if not args.summary:
-        sample(args, radii)
+        try:
+            sample(args, radii)
+        except SplitzError as e:  # e.g. a protocol other than the fixed run's or --out's
+            raise SystemExit(f"samples.py: error: {e}") from None
     report(read_tsv(args.out), radii, args.n0 + args.n, args.model.name)
 
 
 def sample(args, radii: list[float]) -> None:
     loaded = load_model(args.model)
     fixed, entry = fixed_run(loaded, args.fixed)
-    if args.fixed and entry.get("n", args.n) != args.n:
-        raise SystemExit(f"{args.fixed} is at n = {entry['n']}, not {args.n}")
-    dataset = args.data or entry.get("data") or loaded.card.dataset
-    every = args.every or entry.get("every") or {"cifar10": 20, "mnist": 10}.get(
-        data.VARIANTS.get(dataset, dataset), 1)
-    seed = args.seed if args.seed is not None else entry.get("seed", 0)
-    smooth = Smooth.from_checkpoint(loaded, args.batch or entry.get("batch"),
-                                    precision=entry.get("precision"))
-    test = data.load(dataset, train=False)
-    indices = list(range(0, len(test), every))
+    protocol = Protocol.of(loaded, args.data or entry.get("data"), args.every or entry.get("every"),
+                           entry.get("order", "index"), args.n0, args.n, args.alpha,
+                           args.seed if args.seed is not None else entry.get("seed", 0),
+                           entry.get("precision"), args.batch or entry.get("batch"))
+    if args.fixed:  # its votes are the fixed column's only under the same protocol
+        claim(args.fixed, asdict(protocol), entry)
+    claim(args.out, asdict(protocol) | {"tolerance": args.tolerance, "radii": radii,
+                                        "fixed": args.fixed.name if args.fixed else None})
+    smooth = Smooth.from_checkpoint(loaded, protocol.batch, precision=protocol.precision)
+    test = data.load(protocol.data, train=False)
+    indices = subset(len(test), protocol.every, protocol.order)
     if args.fixed:
         indices = [i for i in indices if i in fixed]
     indices = indices[:args.limit]
-    done = {int(r["idx"]) for r in read_tsv(args.out)} if args.out.exists() else set()
-    print(f"model {loaded.card.id}: {dataset}, every {every}, {len(indices)} images "
-          f"({len(done)} done), batch {smooth.batch_size}, seed {seed} + i, n {args.n}")
-    new = not args.out.exists()
-    args.out.parent.mkdir(parents=True, exist_ok=True)
+    new = not args.out.exists() or args.out.stat().st_size == 0  # killed before its header
+    done = set() if new else {int(r["idx"]) for r in read_tsv(args.out)}
+    print(f"model {loaded.card.id}: {protocol.data}, every {protocol.every}, {len(indices)} "
+          f"images ({len(done)} done), batch {protocol.batch}, seed {protocol.seed} + i, "
+          f"n {args.n}")
     with open(args.out, "a", newline="") as f:
         writer = csv.writer(f, delimiter="\t")
         if new:
             writer.writerow(columns(radii))
         for idx in tqdm([i for i in indices if i not in done], desc="images", unit="image"):
             x, label = test[idx]
-            writer.writerow([idx, int(label), *fixed_columns(smooth, x, idx, seed, fixed, args),
-                             *measured_columns(smooth, x, idx + seed, radii, args)])
+            writer.writerow([idx, int(label),
+                             *fixed_columns(smooth, x, idx, protocol.seed, fixed, args),
+                             *measured_columns(smooth, x, idx + protocol.seed, radii, args)])
             f.flush()
 
 

@@ -5,6 +5,7 @@ import json
 import shlex
 import sys
 from collections.abc import Sequence
+from dataclasses import asdict
 from functools import partial
 from pathlib import Path
 
@@ -12,10 +13,10 @@ import torch
 from pydantic import ValidationError
 
 from . import checkpoint, data, evaluate, importer
-from .errors import InputError, SplitzError
+from .errors import SplitzError
 from .images import load_image
 from .lipschitz import layer_profile
-from .smoothing import PRECISIONS, SEED_LIMIT, Smooth, default_precision, known_draw
+from .smoothing import PRECISIONS, SEED_LIMIT, Smooth, known_draw
 from .stats import FIXED_BOUNDS, text_down, text_up
 from .train import TrainConfig, train
 
@@ -358,59 +359,28 @@ def _lipschitz(args) -> int:
 
 def _evaluate(args) -> int:
     loaded = checkpoint.load(args.model)
-    dataset = args.data or loaded.card.dataset
-    every = args.every or {"cifar10": 20, "mnist": 10}.get(dataset, 1)
-    protocol = {"data": dataset, "every": every, "order": args.order, "n0": args.n0, "n": args.n,
-                "alpha": args.alpha, "seed": args.seed,
-                "precision": args.precision or default_precision(loaded.card.precision,
-                                                                  args.device),
-                "batch": args.batch or loaded.card.batch_size}
-    sidecar = args.out.with_suffix(".protocol.json")
-    if args.out.exists():
-        _check_resume(loaded.card.metrics.get(args.out.stem), sidecar, protocol, args.out)
-    else:
-        args.out.parent.mkdir(parents=True, exist_ok=True)
-        sidecar.write_text(json.dumps(protocol, indent=2) + "\n")
+    protocol = evaluate.Protocol.of(loaded, args.data, args.every, args.order, args.n0, args.n,
+                                    args.alpha, args.seed, args.precision, args.batch,
+                                    args.device)
     record = partial(_record, args, protocol, loaded.sha256) if args.record else None
-    summary = evaluate.evaluate(loaded, args.out, every, args.limit, args.n0, args.n, args.alpha,
-                                protocol["batch"], args.seed, args.data_root, args.device, dataset,
-                                protocol["precision"], args.order, on_row=record)
+    summary = evaluate.evaluate(loaded, args.out, protocol, args.limit, args.data_root,
+                                args.device, on_row=record)
     print(evaluate.markdown_table({loaded.card.id: summary}))
     if record:
         record(summary)  # also when no row was added
     return 0
 
 
-def _record(args, protocol: dict, weights_sha256: str, summary: evaluate.Summary) -> None:
+def _record(args, protocol: evaluate.Protocol, weights_sha256: str,
+            summary: evaluate.Summary) -> None:
     """The run so far into the model card, after every image: the card is at most the one image
     being written behind the TSV."""
     checkpoint.update_card(args.model, lambda card: card.metrics.update({args.out.stem: {
-        "tsv": args.out.name, **protocol, "images": summary.images,
+        "tsv": args.out.name, **asdict(protocol), "images": summary.images,
         "certified_accuracy": {str(r): a for r, a in summary.certified_accuracy.items()},
         "average_certified_radius": summary.average_certified_radius,
         "command": shlex.join(["splitz", *sys.argv[1:]]) if sys.argv[1:] else "evaluate",
     }}), weights_sha256)
-
-
-def _check_resume(recorded: dict | None, sidecar: Path, protocol: dict, out: Path) -> None:
-    """A TSV resumes only under the protocol that wrote it (the card's record of it, else the
-    `.protocol.json` written beside it): rows under another test set, n, seed, precision or
-    batch would mix into one run. A TSV with neither (older) is not checked."""
-    if not isinstance(recorded, dict) or recorded.get("tsv") != out.name:
-        try:
-            recorded = json.loads(sidecar.read_text()) if sidecar.is_file() else None
-        except (OSError, ValueError) as e:
-            raise InputError(f"unreadable {sidecar} ({e}): write a new TSV") from None
-    if not isinstance(recorded, dict):
-        return
-    differ = []
-    for key, value in protocol.items():
-        was = recorded.get(key, "index" if key == "order" else value)  # older: fewer keys
-        if was != value:
-            differ.append(f"{key} {was} (now {value})")
-    if differ:
-        raise InputError(f"{out} was written with {', '.join(differ)}: resume it with the "
-                         "options that wrote it, or write a new TSV")
 
 
 def _plot(args) -> int:

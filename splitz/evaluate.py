@@ -1,9 +1,10 @@
 """Certified accuracy on a fixed test subset: a TSV per image, a summary table, and plots."""
 
 import csv
+import json
 import random
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import torch
@@ -12,12 +13,13 @@ from tqdm import tqdm
 from . import data
 from .checkpoint import LoadedModel
 from .errors import InputError
-from .smoothing import Smooth
+from .smoothing import Smooth, default_precision
 from .stats import text_down, text_up
 
 COLUMNS = ["idx", "label", "predict", "radius", "correct", "time", "L", "pA_lower"]
 RADII = tuple(round(0.25 * i, 2) for i in range(11))  # 0, 0.25, ..., 2.5
 ORDERS = ("index", "spread")
+STANDARD_EVERY = {"cifar10": 20, "mnist": 10}  # the standard subsets: 500 and 1000 images
 
 
 @dataclass(frozen=True)
@@ -27,38 +29,92 @@ class Summary:
     average_certified_radius: float  # mean of R over correct images (0 when wrong or abstain)
 
 
-def evaluate(loaded: LoadedModel, out: Path, every: int, limit: int | None = None,
-             n0: int = 100, n: int = 100_000, alpha: float = 0.001, batch_size: int | None = None,
-             seed: int = 0, data_root: Path | None = None, device: str = "cpu",
-             dataset: str | None = None, precision: str | None = None,
-             order: str = "index", on_row: Callable[[Summary], None] | None = None) -> Summary:
-    """Certify test images 0, every, 2*every, ... of `dataset` (default: the card's), the first
-    `limit` of them in `order` (see `subset`); resumes an interrupted TSV where it stopped.
-    on_row gets the summary of the TSV after each row written."""
-    dataset = dataset or loaded.card.dataset
-    if dataset not in data.SPECS.keys() | data.VARIANTS.keys():
-        raise InputError(f"no test set for data set {dataset!r}: evaluate knows "
-                         f"{', '.join(sorted(data.SPECS.keys() | data.VARIANTS.keys()))}")
-    if data.VARIANTS.get(dataset, dataset) != loaded.card.dataset:
-        raise InputError(f"model {loaded.card.id} is for {loaded.card.dataset}, not {dataset}")
-    test = data.load(dataset, train=False, root=data_root)
-    planned = subset(len(test), every, order)
+@dataclass(frozen=True)
+class Protocol:
+    """What fixes an evaluation's rows, with the weights: the test subset, the sampling and the
+    draws (seed and batch). A TSV resumes only under the protocol that wrote it (`claim`); it is
+    written beside the TSV (`<stem>.protocol.json`) and into the card's record of the run."""
+    data: str
+    every: int
+    order: str
+    n0: int
+    n: int
+    alpha: float
+    seed: int
+    precision: str
+    batch: int
+
+    @classmethod
+    def of(cls, loaded: LoadedModel, data_set: str | None = None, every: int | None = None,
+           order: str = "index", n0: int = 100, n: int = 100_000, alpha: float = 0.001,
+           seed: int = 0, precision: str | None = None, batch: int | None = None,
+           device: str = "cpu") -> "Protocol":
+        """The protocol with the defaults filled in: the card's data set, precision and batch,
+        and the standard subset (every 10th MNIST, every 20th CIFAR-10 test image)."""
+        data_set = data_set or loaded.card.dataset
+        if data_set not in data.SPECS.keys() | data.VARIANTS.keys():
+            raise InputError(f"no test set for data set {data_set!r}: evaluate knows "
+                             f"{', '.join(sorted(data.SPECS.keys() | data.VARIANTS.keys()))}")
+        base = data.VARIANTS.get(data_set, data_set)
+        if base != loaded.card.dataset:
+            raise InputError(f"model {loaded.card.id} is for {loaded.card.dataset}, not {data_set}")
+        return cls(data_set, every or STANDARD_EVERY.get(base, 1), order, n0, n, alpha, seed,
+                   precision or default_precision(loaded.card.precision, device),
+                   batch or loaded.card.batch_size)
+
+
+def claim(out: Path, protocol: dict, recorded: dict | None = None) -> None:
+    """Write the protocol file of a new run's `out`, or refuse to resume `out` under another
+    protocol than the one it was written with (`recorded`, the card's record of the run, else
+    the protocol file; a file with neither, from before them, is not checked)."""
+    sidecar = out.with_suffix(".protocol.json")
+    if not out.exists():
+        out.parent.mkdir(parents=True, exist_ok=True)
+        sidecar.write_text(json.dumps(protocol, indent=2) + "\n")
+        return
+    if not isinstance(recorded, dict) or recorded.get("tsv") != out.name:
+        try:
+            recorded = json.loads(sidecar.read_text()) if sidecar.is_file() else None
+        except (OSError, ValueError) as e:
+            raise InputError(f"unreadable {sidecar} ({e}): write a new TSV") from None
+    if not isinstance(recorded, dict):
+        return
+    differ = []
+    for key, value in protocol.items():
+        was = recorded.get(key, "index" if key == "order" else value)  # older: fewer keys
+        if was != value:
+            differ.append(f"{key} {was} (now {value})")
+    if differ:
+        raise InputError(f"{out} was written with {', '.join(differ)}: resume it with the "
+                         "options that wrote it, or write a new file")
+
+
+def evaluate(loaded: LoadedModel, out: Path, protocol: Protocol, limit: int | None = None,
+             data_root: Path | None = None, device: str = "cpu",
+             on_row: Callable[[Summary], None] | None = None) -> Summary:
+    """Certify the first `limit` images of the protocol's subset (see `subset`) into the TSV
+    `out`, resuming it where it stopped (under the same protocol only). on_row gets the
+    summary of the TSV after each row written."""
+    test = data.load(protocol.data, train=False, root=data_root)
+    planned = subset(len(test), protocol.every, protocol.order)
+    claim(out, asdict(protocol), loaded.card.metrics.get(out.stem))
     rows = read_tsv(out) if out.exists() else []
     done = {int(r["idx"]) for r in rows}
     if done != set(planned[:len(done)]):
         raise InputError(f"{out} holds other images than the first {len(done)} of every "
-                         f"{every}th in {order} order: resume it with the options that wrote it")
+                         f"{protocol.every}th in {protocol.order} order: resume it with the "
+                         "options that wrote it")
     indices = planned[:limit]
-    smooth = Smooth.from_checkpoint(loaded, batch_size, device, precision)
+    smooth = Smooth.from_checkpoint(loaded, protocol.batch, device, protocol.precision)
     new = not out.exists() or out.stat().st_size == 0  # killed before its header: rewrite
-    out.parent.mkdir(parents=True, exist_ok=True)
     with open(out, "a", newline="") as f:
         writer = csv.writer(f, delimiter="\t")
         if new:
             writer.writerow(COLUMNS)
         for idx in tqdm([i for i in indices if i not in done], desc="evaluate", unit="image"):
             x, label = test[idx]
-            c = smooth.certify(x, n0=n0, n=n, alpha=alpha, seed=seed + idx)[0]
+            c = smooth.certify(x, n0=protocol.n0, n=protocol.n, alpha=protocol.alpha,
+                               seed=protocol.seed + idx)[0]
             pred = -1 if c.abstained else c.prediction
             row = [idx, int(label), pred, text_down(c.radius, 6), int(pred == int(label)),
                    f"{c.time_s:.3f}", text_up(c.lipschitz, 6), text_down(c.p_a_lower, 6)]

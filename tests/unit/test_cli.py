@@ -1,10 +1,12 @@
 import json
+from dataclasses import asdict
 
 import pytest
 import torch
 
 from splitz import checkpoint, smoothing
 from splitz.cli import main
+from splitz.errors import InputError
 from splitz.images import save_image
 from splitz.nets import create_model
 
@@ -159,6 +161,32 @@ def test_evaluate_resumes_only_the_same_subset_order_and_protocol(fake_mnist, tm
     assert main([*args[:4], str(half), *args[5:-2], "--batch", "7"]) == 2
     assert "was written with batch 1000 (now 7)" in capsys.readouterr().err
     assert json.loads(half.with_suffix(".protocol.json").read_text())["n"] == 50
+
+
+def test_the_library_call_checks_the_protocol_like_the_command(fake_mnist, tmp_path):
+    from splitz import evaluate, load_model
+
+    card = checkpoint.ModelCard(id="input", arch="lenet", dataset="mnist", split="input",
+                                sigma=0.5)
+    loaded = load_model(checkpoint.save(create_model("lenet", "mnist", "input", 0.5), card,
+                                        tmp_path / "m"))
+    tsv = tmp_path / "run.tsv"
+    protocol = evaluate.Protocol.of(loaded, every=16, n0=10, n=50)
+    assert protocol.every == 16 and protocol.batch == card.batch_size
+    assert evaluate.evaluate(loaded, tsv, protocol, 1, fake_mnist).images == 1
+    other = evaluate.Protocol.of(loaded, every=16, n0=10, n=50, seed=3)
+    with pytest.raises(InputError, match=r"written with seed 0 \(now 3\)"):
+        evaluate.evaluate(loaded, tsv, other, None, fake_mnist)  # e.g. bench/precision.py
+    assert evaluate.evaluate(loaded, tsv, protocol, None, fake_mnist).images == 4
+    # a file with more keys (bench/samples.py: tolerance, radii) is held to all of them
+    wider = asdict(protocol) | {"tolerance": 0.02}
+    samples = tmp_path / "samples.tsv"
+    evaluate.claim(samples, wider)
+    samples.write_text("idx\n")
+    evaluate.claim(samples, wider)
+    with pytest.raises(InputError, match=r"tolerance 0.02 \(now 0.01\)"):
+        evaluate.claim(samples, wider | {"tolerance": 0.01})
+    assert evaluate.Protocol.of(loaded).every == 10  # the standard MNIST subset
 
 
 def test_a_resume_where_the_default_precision_differs_is_refused(fake_mnist, tmp_path,
