@@ -3,10 +3,10 @@ randomized-smoothing baseline (split at the input: noise on the pixels), from th
 
 loss = (1 - kappa) R + kappa L_bar   when L_bar > theta, else R,
 with R the recipe's loss on m noisy copies f2(f1(x) + delta_k) (recipes.py: Gaussian
-augmentation or consistency regularization), L_bar the batch mean of a (differentiable,
-power-iteration) estimate of f1's local Lipschitz constant on B(x, gamma); kappa ramps
-kappa_start -> kappa_end and gamma 0 -> gamma_end. The estimate only steers training;
-certificates use the sound bounds of lipschitz.py.
+augmentation, consistency regularization, or SmoothMix, whose adversary moves x first), L_bar
+the batch mean of a (differentiable, power-iteration) estimate of f1's local Lipschitz
+constant on B(x, gamma); kappa ramps kappa_start -> kappa_end and gamma 0 -> gamma_end.
+The estimate only steers training; certificates use the sound bounds of lipschitz.py.
 """
 
 import json
@@ -55,6 +55,14 @@ class TrainConfig(BaseModel):
     noise_copies: int = Field(1, ge=1)  # m noisy copies of each image per step
     consistency_lambda: float = Field(10.0, ge=0)
     consistency_eta: float = Field(0.5, ge=0)
+    # SmoothMix (recipes.py): the adversary's steps, step size (l2, pixels) and the step whose
+    # point starts the mix, the mix loss weight, and the epochs over which that weight (and
+    # the start's distance from x) ramp up
+    smoothmix_steps: int = Field(8, ge=1)
+    smoothmix_step_size: float = Field(1.0, gt=0)
+    smoothmix_mix_step: int = Field(0, ge=0)
+    smoothmix_eta: float = Field(1.0, ge=0)
+    smoothmix_warmup: int = Field(10, ge=1)
     theta: float = 0.5  # penalty threshold on the local Lipschitz estimate
     kappa_start: float = 1.0
     kappa_end: float = 0.7
@@ -120,17 +128,37 @@ def _scheduler(cfg: TrainConfig, opt: torch.optim.Optimizer, steps_per_epoch: in
     return torch.optim.lr_scheduler.StepLR(opt, cfg.lr_step_epochs * steps_per_epoch, cfg.lr_gamma)
 
 
-def noisy_logits(model: SplitModel, x: Tensor, m: int) -> Tensor:
-    """f2(f1(x) + delta_k) for m independent noise draws, stacked copy-major (recipes.py)."""
+def noisy_logits(model: SplitModel, x: Tensor, m: int, noise: Tensor | None = None) -> Tensor:
+    """f2(f1(x) + delta_k) for m noise draws (new ones unless given), stacked copy-major
+    (recipes.py)."""
     z = model.f1(x).repeat(m, *([1] * (x.dim() - 1)))
-    return model.f2(z + model.sigma * torch.randn_like(z))
+    return model.f2(z + (model.sigma * torch.randn_like(z) if noise is None else noise))
 
 
-def recipe_loss(cfg: TrainConfig, logits: Tensor, y: Tensor) -> Tensor:
-    if cfg.recipe == "consistency":
-        return recipes.consistency_loss(logits, y, cfg.noise_copies, cfg.consistency_lambda,
-                                        cfg.consistency_eta)
-    return recipes.gaussian_loss(logits, y, cfg.noise_copies)
+def recipe_step(cfg: TrainConfig, model: SplitModel, x: Tensor, y: Tensor,
+                epoch: int) -> tuple[Tensor, Tensor]:
+    """The logits of the m noisy copies of x that the recipe trains on, and its loss."""
+    m = cfg.noise_copies
+    if cfg.recipe != "smoothmix":
+        logits = noisy_logits(model, x, m)
+        if cfg.recipe == "consistency":
+            return logits, recipes.consistency_loss(logits, y, m, cfg.consistency_lambda,
+                                                    cfg.consistency_eta)
+        return logits, recipes.gaussian_loss(logits, y, m)
+    warm = min(1.0, (epoch + 1) / cfg.smoothmix_warmup)
+    with torch.no_grad():
+        split = model.f1(x[:1]).shape[1:]
+    noise = model.sigma * torch.randn(m * len(x), *split, device=x.device)
+    model.eval()  # the adversary sees BatchNorm's running statistics, as in the authors' code
+    start, adv = recipes.smoothmix_adversary(
+        lambda v: noisy_logits(model, v, m, noise), x, y, m, cfg.smoothmix_steps,
+        cfg.smoothmix_step_size, cfg.smoothmix_mix_step,
+        warm * cfg.smoothmix_step_size * cfg.smoothmix_mix_step)
+    model.train()
+    logits = noisy_logits(model, start, m, noise)
+    mix = torch.rand(len(x), device=x.device) / 2
+    mixed = noisy_logits(model, start.lerp(adv, mix.view(-1, *([1] * (x.dim() - 1)))), m, noise)
+    return logits, recipes.smoothmix_loss(logits, mixed, y, m, mix, warm * cfg.smoothmix_eta)
 
 
 def unit_reach(model: SplitModel, x: Tensor, gamma: float) -> tuple[Tensor, Tensor]:
@@ -210,10 +238,10 @@ def _epoch(cfg: TrainConfig, model: SplitModel, opt, sched, loader: DataLoader,
     bar = tqdm(loader, desc=f"epoch {epoch + 1}", unit="batch", leave=False)
     for i, (x, y) in enumerate(bar):
         x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
-        logits = noisy_logits(model, x, cfg.noise_copies)
+        logits, objective = recipe_step(cfg, model, x, y, epoch)
         y_all = y.repeat(cfg.noise_copies)
         ce = F.cross_entropy(logits.detach(), y_all)
-        loss = objective = recipe_loss(cfg, logits, y)
+        loss = objective
         lip = stab = torch.zeros((), device=device)
         if penalize:
             lip = lipschitz_estimate(model, x, gamma, cfg.power_iters,

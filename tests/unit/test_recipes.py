@@ -51,3 +51,56 @@ def test_identical_copies_cost_no_kl():
 def test_consistency_needs_two_copies():
     with pytest.raises(ValueError, match="m >= 2"):
         recipes.consistency_loss(LOGITS[:1], Y, 1, lam=1.0, eta=0.5)
+
+
+def test_smoothmix_is_ce_plus_eta_kl_to_the_mixed_target_by_hand():
+    # clean copies p_1 = (1/2, 1/2), p_2 = (3/4, 1/4): p_bar = (5/8, 3/8), argmax 0 = the label
+    # mixed copies r_1 = (1/2, 1/2), r_2 = (1/4, 3/4); mix 1/2: q = p_bar / 2 + (1/2) / 2
+    mixed = torch.tensor([[0.0, 0.0], [0.0, math.log(3.0)]])
+    q, r1, r2 = (0.5625, 0.4375), (0.5, 0.5), (0.25, 0.75)
+    ce = (-math.log(0.5) - math.log(0.75)) / 2
+    kl = sum(sum(a * math.log(a / r[c]) for c, a in enumerate(q)) for r in (r1, r2)) / 2
+    half = torch.tensor([0.5])
+    loss = recipes.smoothmix_loss(LOGITS, mixed, Y, 2, half, eta=5.0)
+    assert loss.item() == pytest.approx(ce + 5.0 * kl, rel=1e-6)
+    # where the clean copies' mean already errs (label 1), only the cross-entropy is left
+    wrong = recipes.smoothmix_loss(LOGITS, mixed, torch.tensor([1]), 2, half, eta=5.0)
+    assert wrong.item() == pytest.approx((-math.log(0.5) - math.log(0.25)) / 2, rel=1e-6)
+
+
+def test_smoothmix_matches_the_authors_formulation_on_a_batch():
+    """jh-jeong/smoothmix train.py: mixed target (1 - lam) avg_softmax + lam uniform, kl_div
+    summed over classes, masked by the clean mean's correctness, mean over all copies."""
+    torch.manual_seed(0)
+    m, b, c = 4, 5, 10
+    clean, mixed = torch.randn(m * b, c) * 3, torch.randn(m * b, c) * 3
+    y, lam = torch.randint(0, c, (b,)), torch.rand(b) / 2
+    avg = sum(F.softmax(x, 1) for x in clean.chunk(m)) / m
+    target = (1 - lam).view(-1, 1) * avg + lam.view(-1, 1) * torch.eye(c).mean(0, keepdim=True)
+    kl = F.kl_div(F.log_softmax(mixed, 1), target.repeat(m, 1), reduction="none").sum(1)
+    correct = (avg.argmax(1) == y).float().repeat(m)
+    ref = F.cross_entropy(clean, y.repeat(m), reduction="none").mean() + 5.0 * (correct * kl).mean()
+    got = recipes.smoothmix_loss(clean, mixed, y, m, lam, eta=5.0)
+    assert got.item() == pytest.approx(ref.item(), rel=1e-5)
+
+
+def test_smoothmix_adversary_climbs_the_loss_in_unit_steps_and_stays_in_the_image_box():
+    # two classes, logits (0, w.x) on every copy: the loss of class 0 grows fastest along w
+    w = torch.tensor([3.0, 4.0]).view(1, 1, 1, 2)
+    unit = w / 5
+
+    def logits_of(v):
+        return torch.cat([torch.zeros(len(v), 1), (v * w).flatten(1).sum(1, keepdim=True)],
+                         1).repeat(2, 1)
+
+    x, y = torch.full((1, 1, 1, 2), 0.5), torch.tensor([0])
+    start, adv = recipes.smoothmix_adversary(logits_of, x, y, 2, steps=3, step_size=0.05,
+                                             mix_step=0, start_norm=0.0)
+    assert torch.equal(start, x)  # mix_step 0: the mix starts at x itself
+    assert torch.allclose(adv, x + 0.15 * unit, atol=1e-6)
+    start, _ = recipes.smoothmix_adversary(logits_of, x, y, 2, steps=3, step_size=0.05,
+                                           mix_step=1, start_norm=0.02)
+    assert torch.allclose(start, x + 0.02 * unit, atol=1e-6)  # one step, pulled back to 0.02
+    _, far = recipes.smoothmix_adversary(logits_of, x, y, 2, steps=4, step_size=1.0,
+                                         mix_step=0, start_norm=0.0)
+    assert far.min() >= 0 and far.max() <= 1 and torch.equal(far, torch.ones_like(x))

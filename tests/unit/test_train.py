@@ -143,7 +143,7 @@ def test_lipschitz_estimate_is_below_the_sound_bound(lenet):
 
 @pytest.mark.slow
 @pytest.mark.parametrize("split", ["input", "conv1"])
-@pytest.mark.parametrize("recipe", ["gaussian", "consistency"])
+@pytest.mark.parametrize("recipe", ["gaussian", "consistency", "smoothmix"])
 def test_each_recipe_trains_at_each_split(tmp_path, fake_mnist, recipe, split):
     cfg = config(tmp_path, fake_mnist, arch="lenet_small", split=split, recipe=recipe,
                  noise_copies=2, epochs=1, kappa_start=0.0, kappa_end=0.0)
@@ -170,6 +170,19 @@ def test_schedules_decay_the_learning_rate(tmp_path, schedule):
     assert lrs[-1] <= 0.1 * max(lrs) + 1e-12
     if schedule == "step":  # x0.1 after exactly two epochs (20 steps), flat in between
         assert lrs[:20] == [0.1] * 20 and lrs[20] == pytest.approx(0.01)
+
+
+def test_smoothmix_step_attacks_with_frozen_batchnorm_and_trains_on_m_copies(tmp_path):
+    cfg = train.TrainConfig(id="t", out=tmp_path, arch="resnet", dataset="cifar10",
+                            split="input", recipe="smoothmix", noise_copies=2,
+                            smoothmix_steps=2, smoothmix_mix_step=1)
+    model = create_model("resnet", "cifar10", "input", 0.5, depth=8).train()
+    bn = next(mod for mod in model.modules() if isinstance(mod, torch.nn.BatchNorm2d))
+    x, y = torch.rand(3, 3, 32, 32), torch.tensor([0, 1, 2])
+    logits, loss = train.recipe_step(cfg, model, x, y, epoch=0)
+    assert model.training and logits.shape == (6, 10) and loss.requires_grad
+    # two training passes (clean, mixed) count in BatchNorm's statistics, the adversary's none
+    assert int(bn.num_batches_tracked) == 2
 
 
 def test_noisy_copies_are_stacked_copy_major():
@@ -210,3 +223,13 @@ def test_stability_penalty_leaves_fewer_units_that_can_change(tmp_path, fake_mni
         return bound.can_change(bound.preactivation(x), gamma).double().mean()
 
     assert changeable(10.0) < 0.25 * changeable(0.0)
+
+
+def test_every_config_in_the_repository_is_a_valid_training_config(tmp_path):
+    from ..conftest import ROOT
+
+    paths = sorted((ROOT / "configs").rglob("*.json"))
+    assert len(paths) >= 10
+    for path in paths:
+        cfg = train.TrainConfig(**json.loads(path.read_text()), out=tmp_path)
+        assert cfg.id and cfg.dataset in path.parts[-2], path  # configs/<data set>/<name>.json
