@@ -15,6 +15,7 @@ import argparse
 from pathlib import Path
 
 from splitz import checkpoint, load_model
+from splitz.errors import SplitzError
 from splitz.evaluate import Protocol, evaluate, markdown_table
 
 TOLERANCE_POINTS = 1.0
@@ -34,11 +35,15 @@ def main() -> None:
     loaded = load_model(args.model)
     runs = {}
     for precision in ("float32", "bfloat16"):
-        protocol = Protocol.of(loaded, args.data, args.every, n=args.n, precision=precision)
-        every = protocol.every
-        tsv = args.out_dir / f"{loaded.card.id}-every{every}-first{args.limit}-n{args.n}-" \
-                             f"{precision}.tsv"
-        runs[precision] = evaluate(loaded, tsv, protocol, args.limit)
+        try:
+            protocol = Protocol.of(loaded, args.data, args.every, n=args.n, precision=precision)
+            test_set = "" if protocol.data == loaded.card.dataset else f"-{protocol.data}"
+            every = protocol.every
+            tsv = args.out_dir / (f"{loaded.card.id}{test_set}-every{every}-first{args.limit}-"
+                                  f"n{args.n}-{precision}.tsv")
+            runs[precision] = evaluate(loaded, tsv, protocol, args.limit)
+        except SplitzError as e:  # e.g. a TSV of another protocol, a test set of another model
+            raise SystemExit(f"precision.py: error: {e}") from None
     print(markdown_table(runs))
     change = max(abs(a - b) * 100 for a, b in zip(
         runs["float32"].certified_accuracy.values(), runs["bfloat16"].certified_accuracy.values(),

@@ -11,11 +11,11 @@ Image i (test images 0, every, 2 every, ... of --data) is certified adaptively (
 budget --n) and queried at each radius of --radii (early stopping, at most --n votes), all with
 the seed seed + i and the batch size of the fixed run, so each draws the same votes as the fixed
 run, in the same order. The fixed-n column comes from --fixed, an existing `splitz evaluate` TSV
-of the same model and images at n (its card entry gives the subset, order, batch size, seed and
-precision, and must match n0, n and alpha), or, without it, from certifying here. One row per
-image is appended to --out and flushed, so an interrupted run resumes where it stopped, under the
-options that wrote it only (<out>.protocol.json); --summary prints the tables of an --out file
-without sampling.
+of the same model and images at n (its protocol, recorded in the card or beside the TSV, gives
+the subset, order, batch size, seed and precision, and must match n0, n and alpha), or, without
+it, from certifying here. One row per image is appended to --out and flushed, so an interrupted
+run resumes where it stopped, under the options that wrote it only (<out>.protocol.json);
+--summary prints the tables of an --out file without sampling.
 
 Prints JSON lines, then markdown tables: mean samples per image (n0 included) with their share
 of fixed n; certified accuracy per radius and ACR, fixed vs adaptive; per query radius, the share
@@ -47,12 +47,16 @@ def columns(radii: list[float]) -> list[str]:
 
 
 def fixed_run(loaded, tsv: Path | None) -> tuple[dict[int, dict], dict]:
-    """The fixed-n rows by image index and the card entry of their evaluation ({} without)."""
+    """The fixed-n rows by image index and their evaluation's protocol: the card's record of
+    it, else the protocol file beside the TSV ({} without either)."""
     if tsv is None:
         return {}, {}
     entry = next((m for m in loaded.card.metrics.values()
-                  if isinstance(m, dict) and m.get("tsv") == tsv.name), {})
-    return {int(r["idx"]): r for r in read_tsv(tsv)}, entry
+                  if isinstance(m, dict) and m.get("tsv") == tsv.name), None)
+    sidecar = tsv.with_suffix(".protocol.json")
+    if entry is None and sidecar.is_file():
+        entry = json.loads(sidecar.read_text())
+    return {int(r["idx"]): r for r in read_tsv(tsv)}, entry or {}
 
 
 def main() -> None:

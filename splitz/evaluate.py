@@ -19,7 +19,7 @@ from .stats import text_down, text_up
 COLUMNS = ["idx", "label", "predict", "radius", "correct", "time", "L", "pA_lower"]
 RADII = tuple(round(0.25 * i, 2) for i in range(11))  # 0, 0.25, ..., 2.5
 ORDERS = ("index", "spread")
-STANDARD_EVERY = {"cifar10": 20, "mnist": 10}  # the standard subsets: 500 and 1000 images
+STANDARD_EVERY = {"cifar10": 20, "mnist": 10}  # the standard subsets (CIFAR-10: 500 images)
 
 
 @dataclass(frozen=True)
@@ -44,6 +44,11 @@ class Protocol:
     precision: str
     batch: int
 
+    def __post_init__(self) -> None:
+        if self.data not in data.SPECS.keys() | data.VARIANTS.keys():
+            raise InputError(f"no test set for data set {self.data!r}: evaluate knows "
+                             f"{', '.join(sorted(data.SPECS.keys() | data.VARIANTS.keys()))}")
+
     @classmethod
     def of(cls, loaded: LoadedModel, data_set: str | None = None, every: int | None = None,
            order: str = "index", n0: int = 100, n: int = 100_000, alpha: float = 0.001,
@@ -52,15 +57,18 @@ class Protocol:
         """The protocol with the defaults filled in: the card's data set, precision and batch,
         and the standard subset (every 10th MNIST, every 20th CIFAR-10 test image)."""
         data_set = data_set or loaded.card.dataset
-        if data_set not in data.SPECS.keys() | data.VARIANTS.keys():
-            raise InputError(f"no test set for data set {data_set!r}: evaluate knows "
-                             f"{', '.join(sorted(data.SPECS.keys() | data.VARIANTS.keys()))}")
-        base = data.VARIANTS.get(data_set, data_set)
-        if base != loaded.card.dataset:
-            raise InputError(f"model {loaded.card.id} is for {loaded.card.dataset}, not {data_set}")
-        return cls(data_set, every or STANDARD_EVERY.get(base, 1), order, n0, n, alpha, seed,
-                   precision or default_precision(loaded.card.precision, device),
-                   batch or loaded.card.batch_size)
+        every = every or STANDARD_EVERY.get(data.VARIANTS.get(data_set, data_set), 1)
+        protocol = cls(data_set, every, order, n0, n, alpha, seed,
+                       precision or default_precision(loaded.card.precision, device),
+                       batch or loaded.card.batch_size)
+        protocol.check(loaded)
+        return protocol
+
+    def check(self, loaded: LoadedModel) -> None:
+        """Refuse a test set of another data set than the model's."""
+        if data.VARIANTS.get(self.data, self.data) != loaded.card.dataset:
+            raise InputError(f"model {loaded.card.id} is for {loaded.card.dataset}, "
+                             f"not {self.data}")
 
 
 def claim(out: Path, protocol: dict, recorded: dict | None = None) -> None:
@@ -95,6 +103,7 @@ def evaluate(loaded: LoadedModel, out: Path, protocol: Protocol, limit: int | No
     """Certify the first `limit` images of the protocol's subset (see `subset`) into the TSV
     `out`, resuming it where it stopped (under the same protocol only). on_row gets the
     summary of the TSV after each row written."""
+    protocol.check(loaded)
     test = data.load(protocol.data, train=False, root=data_root)
     planned = subset(len(test), protocol.every, protocol.order)
     claim(out, asdict(protocol), loaded.card.metrics.get(out.stem))

@@ -19,7 +19,7 @@ from typing import Any, Literal, Self
 
 import torch
 import torch.nn.functional as F
-from pydantic import BaseModel, Field, model_validator
+from pydantic import BaseModel, ConfigDict, Field, model_validator
 from torch import Tensor
 from torch.utils.data import DataLoader, Subset
 from tqdm import tqdm
@@ -35,6 +35,8 @@ RUN_ONLY = frozenset({"out", "data_root", "loader_workers"})
 
 
 class TrainConfig(BaseModel):
+    model_config = ConfigDict(extra="forbid")  # a misspelt field is an error, not a default
+
     id: str
     out: Path
     arch: str = "lenet"
@@ -146,15 +148,17 @@ def recipe_step(cfg: TrainConfig, model: SplitModel, x: Tensor, y: Tensor,
                                                     cfg.consistency_eta)
         return logits, recipes.gaussian_loss(logits, y, m)
     warm = min(1.0, (epoch + 1) / cfg.smoothmix_warmup)
-    with torch.no_grad():
-        split = model.f1(x[:1]).shape[1:]
-    noise = model.sigma * torch.randn(m * len(x), *split, device=x.device)
     model.eval()  # the adversary sees BatchNorm's running statistics, as in the authors' code
-    start, adv = recipes.smoothmix_adversary(
-        lambda v: noisy_logits(model, v, m, noise), x, y, m, cfg.smoothmix_steps,
-        cfg.smoothmix_step_size, cfg.smoothmix_mix_step,
-        warm * cfg.smoothmix_step_size * cfg.smoothmix_mix_step)
-    model.train()
+    try:
+        with torch.no_grad():
+            split = model.f1(x[:1]).shape[1:]
+        noise = model.sigma * torch.randn(m * len(x), *split, device=x.device)
+        start, adv = recipes.smoothmix_adversary(
+            lambda v: noisy_logits(model, v, m, noise), x, y, m, cfg.smoothmix_steps,
+            cfg.smoothmix_step_size, cfg.smoothmix_mix_step,
+            warm * cfg.smoothmix_step_size * cfg.smoothmix_mix_step)
+    finally:
+        model.train()
     logits = noisy_logits(model, start, m, noise)
     mix = torch.rand(len(x), device=x.device) / 2
     mixed = noisy_logits(model, start.lerp(adv, mix.view(-1, *([1] * (x.dim() - 1)))), m, noise)

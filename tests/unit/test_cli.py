@@ -187,6 +187,11 @@ def test_the_library_call_checks_the_protocol_like_the_command(fake_mnist, tmp_p
     with pytest.raises(InputError, match=r"tolerance 0.02 \(now 0.01\)"):
         evaluate.claim(samples, wider | {"tolerance": 0.01})
     assert evaluate.Protocol.of(loaded).every == 10  # the standard MNIST subset
+    with pytest.raises(InputError, match="no test set for data set 'svhn'"):
+        evaluate.Protocol.of(loaded, "svhn")
+    cifar = evaluate.Protocol("cifar10", 20, "index", 10, 50, 0.001, 0, "float32", 100)
+    with pytest.raises(InputError, match="is for mnist, not cifar10"):  # built by hand
+        evaluate.evaluate(loaded, tmp_path / "cifar.tsv", cifar, None, fake_mnist)
 
 
 def test_a_resume_where_the_default_precision_differs_is_refused(fake_mnist, tmp_path,
@@ -281,3 +286,7 @@ def test_resource_and_config_errors_exit_2_with_one_line(model_dir, digit, tmp_p
     assert main(["train", "--config", str(config)]) == 2
     err = capsys.readouterr().err.strip()
     assert err.startswith("splitz: error: invalid TrainConfig") and "\n" not in err
+    config.write_text('{"id": "t", "recipe": "smoothmix", "smoothmix_etaa": 5}')  # misspelt
+    assert main(["train", "--config", str(config)]) == 2
+    err = capsys.readouterr().err.strip()
+    assert "smoothmix_etaa: Extra inputs are not permitted" in err and "\n" not in err

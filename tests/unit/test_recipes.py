@@ -103,4 +103,48 @@ def test_smoothmix_adversary_climbs_the_loss_in_unit_steps_and_stays_in_the_imag
     assert torch.allclose(start, x + 0.02 * unit, atol=1e-6)  # one step, pulled back to 0.02
     _, far = recipes.smoothmix_adversary(logits_of, x, y, 2, steps=4, step_size=1.0,
                                          mix_step=0, start_norm=0.0)
-    assert far.min() >= 0 and far.max() <= 1 and torch.equal(far, torch.ones_like(x))
+    assert torch.equal(far, torch.ones_like(x))  # clipped to the image box
+
+
+def _authors_attack(model, inputs, labels, noises, steps, mix_step, alpha, maxnorm_s):
+    """SmoothMix_PGD.attack of jh-jeong/smoothmix (code/train.py), maxnorm None, transcribed."""
+    def project(x, x0, maxnorm=None):
+        if maxnorm is not None:
+            x = x0 + (x - x0).renorm(p=2, dim=0, maxnorm=maxnorm)
+        return torch.clamp(x, 0, 1).detach()
+
+    adv = init = inputs.detach()
+    for i in range(steps):
+        if i == mix_step:
+            init = adv.detach()
+        adv.requires_grad_()
+        avg = sum(F.softmax(model(adv + noise), dim=1) for noise in noises) / len(noises)
+        loss = F.nll_loss(torch.log(avg.clamp(min=1e-20)), labels, reduction="sum")
+        grad = torch.autograd.grad(loss, [adv])[0]
+        grad = grad / (grad.reshape(grad.size(0), -1).norm(dim=1).view(-1, 1, 1, 1) + 1e-8)
+        adv = project(adv + alpha * grad, inputs, None)
+    return project(init, inputs, maxnorm_s), adv
+
+
+@pytest.mark.parametrize("mix_step", [0, 1, 2])
+def test_smoothmix_adversary_matches_the_authors_attack_on_a_batch(mix_step):
+    from splitz.nets import create_model
+
+    torch.manual_seed(0)
+    model = create_model("lenet_small", "mnist", "input", 0.5).eval()
+    m, b = 3, 4
+    x, y = torch.rand(b, 1, 28, 28), torch.randint(0, 10, (b,))
+    noise = 0.5 * torch.randn(m * b, 1, 28, 28)  # a distinct draw per copy and image
+    start_norm = 0.3 * mix_step  # the warm-up's bound, below the steps' reach: it binds
+
+    def logits_of(v):
+        return model.f2(v.repeat(m, 1, 1, 1) + noise)
+
+    start, adv = recipes.smoothmix_adversary(logits_of, x, y, m, 3, 1.0, mix_step, start_norm)
+    ref_start, ref_adv = _authors_attack(model.f2, x, y, list(noise.chunk(m)), 3, mix_step, 1.0,
+                                         start_norm)
+    assert torch.allclose(adv, ref_adv, atol=1e-5) and torch.allclose(start, ref_start, atol=1e-5)
+    moved = (start - x).flatten(1).norm(dim=1)
+    assert (moved <= start_norm + 1e-5).all()
+    if mix_step:
+        assert (moved > start_norm - 1e-3).any()  # the bound was active

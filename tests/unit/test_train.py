@@ -172,17 +172,29 @@ def test_schedules_decay_the_learning_rate(tmp_path, schedule):
         assert lrs[:20] == [0.1] * 20 and lrs[20] == pytest.approx(0.01)
 
 
-def test_smoothmix_step_attacks_with_frozen_batchnorm_and_trains_on_m_copies(tmp_path):
+def test_smoothmix_step_attacks_with_frozen_batchnorm_and_trains_on_m_copies(tmp_path,
+                                                                              monkeypatch):
     cfg = train.TrainConfig(id="t", out=tmp_path, arch="resnet", dataset="cifar10",
                             split="input", recipe="smoothmix", noise_copies=2,
-                            smoothmix_steps=2, smoothmix_mix_step=1)
+                            smoothmix_steps=2, smoothmix_mix_step=1, smoothmix_eta=5.0,
+                            smoothmix_warmup=4)
     model = create_model("resnet", "cifar10", "input", 0.5, depth=8).train()
     bn = next(mod for mod in model.modules() if isinstance(mod, torch.nn.BatchNorm2d))
     x, y = torch.rand(3, 3, 32, 32), torch.tensor([0, 1, 2])
-    logits, loss = train.recipe_step(cfg, model, x, y, epoch=0)
+    noises, etas = [], []
+    logits_of, loss_of = train.noisy_logits, train.recipes.smoothmix_loss
+    monkeypatch.setattr(train, "noisy_logits",
+                        lambda mdl, v, m, noise=None: noises.append(noise) or logits_of(
+                            mdl, v, m, noise))
+    monkeypatch.setattr(train.recipes, "smoothmix_loss",
+                        lambda *a: etas.append(a[-1]) or loss_of(*a))
+    logits, loss = train.recipe_step(cfg, model, x, y, epoch=1)
     assert model.training and logits.shape == (6, 10) and loss.requires_grad
     # two training passes (clean, mixed) count in BatchNorm's statistics, the adversary's none
     assert int(bn.num_batches_tracked) == 2
+    # one noise draw for the adversary's two steps and both training passes; eta warms up
+    assert len(noises) == 4 and all(n is noises[0] for n in noises) and noises[0].shape[0] == 6
+    assert etas == [pytest.approx(5.0 * 2 / 4)]
 
 
 def test_noisy_copies_are_stacked_copy_major():
