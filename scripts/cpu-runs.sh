@@ -43,10 +43,17 @@ dev() {  # id: the development run (n = 10,000; MNIST every 100th, CIFAR-10 the 
   esac
 }
 
-full() {  # id [options]: the standard MNIST protocol (every 10th test image, n = 100,000)
+full() {  # id [options]: the standard protocol at n = 100,000: MNIST every 10th test image;
+          # CIFAR-10 every 20th, first the 50 with exact pixels (~90 s each here), then all 500
+          # on the JPEG copy in spread order (~12 h: a partial run estimates the whole)
   local id=$1
   shift
-  evaluate "$id" eval-every10-n100000 --every 10 --n 100000 "$@"
+  case $id in
+    mnist-*) evaluate "$id" eval-every10-n100000 --every 10 --n 100000 "$@" ;;
+    *) evaluate "$id" eval-exact1000-every20-n100000 --data cifar10-exact1000 --every 20 \
+         --n 100000 "$@"
+       evaluate "$id" eval-every20-n100000 --data cifar10 --every 20 --n 100000 --order spread ;;
+  esac
 }
 
 samples() {  # id: bench/samples.py on the standard subset, the fixed column from its full run
@@ -66,6 +73,7 @@ queue1() {
   train configs/mnist/splitz-consistency-s1.0.json 200
   dev mnist-splitz-consistency-s1.0
   full mnist-splitz-consistency-s1.0 --order spread
+  full cifar10-input-consistency-s0.5
 }
 
 queue2() {
@@ -75,6 +83,7 @@ queue2() {
   train configs/cifar10/input-consistency-s0.25.json 50
   dev cifar10-input-consistency-s0.25
   samples mnist-input-consistency-s0.5  # issue 14, item 4
+  full cifar10-input-consistency-s0.25
 }
 
 main() {
