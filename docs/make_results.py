@@ -106,7 +106,7 @@ def best_by_protocol(group: list[Run], summaries: dict[str, evaluate.Summary]
     by_protocol = defaultdict(list)
     for r in group:
         m = r.meta
-        by_protocol[(m["data"], m["every"], m.get("order", "index"), m["images"], m["n"])].append(r)
+        by_protocol[(m["data"], m["every"], _subset(r), m["images"], m["n"])].append(r)
     out = {}
     for _, same in sorted(by_protocol.items()):
         label = _protocol(same[0])
@@ -125,8 +125,16 @@ def _protocol(r: Run) -> str:
 
 
 def _subset(r: Run) -> str:
-    order = r.meta.get("order", "index")
-    return f"every {r.meta['every']}" + ("" if order == "index" else f", {order} order")
+    """'every k' for images 0, k, 2k, ...: an index-order run, or a spread-order one that has
+    covered them all (the same images then); else the order that chose the images."""
+    every, images = r.meta["every"], r.meta["images"]
+    prefix = _indices(r.tsv, images) == tuple(range(0, images * every, every))
+    return f"every {every}" + ("" if prefix else f", {r.meta.get('order', 'index')} order")
+
+
+@cache
+def _indices(tsv: Path, images: int) -> tuple[int, ...]:
+    return tuple(sorted(int(row["idx"]) for row in evaluate.read_tsv(tsv)[:images]))
 
 
 def same_recipe(group: list[Run], summaries: dict[str, evaluate.Summary]) -> dict[str, Sides]:

@@ -19,10 +19,14 @@ def results():
 
 
 def _run(results, tmp_path: Path, name: str, radii: list[float], splitz: bool,
-         every: int = 10, n: int = 100_000, recipe: str = "gaussian"):
+         every: int = 10, n: int = 100_000, recipe: str = "gaussian",
+         indices: list[int] | None = None):
+    """A run on test images `indices` (default: 0, every, 2 every, ...) with these radii."""
     tsv = tmp_path / f"{name}.tsv"
+    indices = indices or [i * every for i in range(len(radii))]
     rows = ["idx\tlabel\tpredict\tradius\tcorrect\ttime\tL\tpA_lower"]
-    rows += [f"{i}\t0\t0\t{r}\t{int(r > 0)}\t1.0\t1.0\t0.9" for i, r in enumerate(radii)]
+    rows += [f"{i}\t0\t0\t{r}\t{int(r > 0)}\t1.0\t1.0\t0.9"
+             for i, r in zip(indices, radii, strict=True)]
     tsv.write_text("\n".join(rows) + "\n")
     meta = {"every": every, "images": len(radii), "n": n, "data": "mnist", "n0": 100,
             "alpha": 0.001, "command": "splitz evaluate"}
@@ -141,14 +145,20 @@ def test_baselines_meet_the_published_logs_on_their_own_images(results, tmp_path
     assert rows[1:] == ["| cohen-all", published[0]]  # the same images are the whole subset
 
 
-def test_a_spread_order_run_is_another_protocol(results, tmp_path):
+def test_a_spread_order_run_is_another_protocol_until_it_has_the_same_images(results,
+                                                                              tmp_path):
     index = _run(results, tmp_path, "cohen", [1.0, 1.0], False)
-    spread = _run(results, tmp_path, "cohen-spread", [0.0, 0.0], False)
-    spread = spread._replace(meta=spread.meta | {"order": "spread"})
-    summaries = {r.name: evaluate.summarize(evaluate.read_tsv(r.tsv)) for r in (index, spread)}
-    assert sorted(results.best_by_protocol([index, spread], summaries)) == [
-        "mnist, 2 images (every 10), n = 100,000",
-        "mnist, 2 images (every 10, spread order), n = 100,000"]
+    spread = {}
+    for name, indices in (("partial", [30, 10]), ("whole", [10, 0])):  # in spread order
+        run = _run(results, tmp_path, name, [0.0, 2.0], False, indices=indices)
+        spread[name] = run._replace(meta=run.meta | {"order": "spread"})
+    runs = [index, *spread.values()]
+    summaries = {r.name: evaluate.summarize(evaluate.read_tsv(r.tsv)) for r in runs}
+    best = results.best_by_protocol(runs, summaries)
+    # images 10 and 0 are the index-order run's two: the same protocol; 30 and 10 another
+    assert sorted(best) == ["mnist, 2 images (every 10), n = 100,000",
+                            "mnist, 2 images (every 10, spread order), n = 100,000"]
+    assert best["mnist, 2 images (every 10), n = 100,000"]["baseline"][1.5] == 0.5  # "whole"
 
 
 def test_a_run_on_a_data_set_variant_meets_the_logs_of_its_data_set(results, tmp_path):
