@@ -5,9 +5,10 @@
 # Every step resumes what an earlier session left (training from wip/<id>/train_state.pt,
 # evaluations from their TSV) or finishes at once when done, so the same command carries the
 # work on in each session; a queue already running (runs/queue<q>.lock) is left alone. A trained
-# model is shipped to models/<id> (weights, card, config)
-# only when its training has finished; commit it, and the TSVs and cards, as they complete
-# (`git status models/`). Needs .venv (make install) and the data: SPLITZ_DATA, as for splitz.
+# model is shipped to models/<id> (weights, card, config) only when its training has finished;
+# its full runs certify in bfloat16 where bench/precision.py qualifies it on a CPU that has
+# bfloat16 (the card records it). Commit models, TSVs and cards as they complete (`git status
+# models/`). Needs .venv (make install) and the data: SPLITZ_DATA, as for splitz.
 set -euo pipefail
 SELF=$(realpath "$0")
 cd "$(dirname "$SELF")/.."
@@ -30,9 +31,29 @@ card = c.read_card(p); card.batch_size = int(sys.argv[2]); c.write_card(card, p)
   mv "wip/$id.ship" "models/$id"  # whole, in one rename: the service may be watching models/
 }
 
-evaluate() {  # id name [splitz evaluate options]: models/<id>/<name>.tsv, recorded in the card
+native_bf16() {  # does this CPU compute bfloat16 in hardware? (else torch emulates it, 8-10x
+                 # slower than float32; the machine differs between sessions)
+  .venv/bin/python -c "import sys, torch; from splitz.smoothing import native_bfloat16
+sys.exit(not native_bfloat16(torch.device('cpu')))"
+}
+
+qualify() {  # id: where this CPU has bfloat16, bench/precision.py's rule on 100 test images at
+             # n = 10,000 (measured here: bfloat16 f2 certifies twice as fast); the card then says
+             # bfloat16 and the runs begun after it certify in it
+  native_bf16 || return 0
+  grep -q '"precision_check"' "models/$1/card.json" && return 0
+  .venv/bin/python bench/precision.py --model "models/$1" --out-dir "runs/precision-$1" --record
+}
+
+evaluate() {  # id name [splitz evaluate options]: models/<id>/<name>.tsv, recorded in the card;
+              # a run begun in bfloat16 waits for a session whose CPU has it
   local id=$1 name=$2
   shift 2
+  if grep -q '"precision": "bfloat16"' "models/$id/$name.protocol.json" 2>/dev/null \
+      && ! native_bf16; then
+    echo "$id/$name: begun in bfloat16, which this CPU emulates: left for another session"
+    return 0
+  fi
   $SPLITZ evaluate --model "models/$id" --out "models/$id/$name.tsv" --record "$@"
 }
 
@@ -48,6 +69,7 @@ full() {  # id [options]: the standard protocol at n = 100,000: MNIST every 10th
           # on the JPEG copy in spread order (~12 h: a partial run estimates the whole)
   local id=$1
   shift
+  ls "models/$id"/eval-*n100000.tsv > /dev/null 2>&1 || qualify "$id"  # before the first run
   case $id in
     mnist-*) evaluate "$id" eval-every10-n100000 --every 10 --n 100000 "$@" ;;
     *) evaluate "$id" eval-exact1000-every20-n100000 --data cifar10-exact1000 --every 20 \
