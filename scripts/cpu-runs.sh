@@ -78,10 +78,12 @@ full() {  # id [options]: the standard protocol at n = 100,000: MNIST every 10th
   esac
 }
 
-samples() {  # id: bench/samples.py on the standard subset, the fixed column from its full run
+samples() {  # id run [options]: bench/samples.py on run's images, its fixed column from run
   mkdir -p docs/samples
-  .venv/bin/python bench/samples.py --model "models/$1" --out "docs/samples/$1.tsv" \
-    --fixed "models/$1/eval-every10-n100000.tsv"
+  local id=$1 run=$2
+  shift 2
+  .venv/bin/python bench/samples.py --model "models/$id" --out "docs/samples/$id.tsv" \
+    --fixed "models/$id/$run.tsv" "$@"
 }
 
 # The issue's order: MNIST baselines (s0.5, s1.0 full protocol; s0.25), CIFAR-10 s0.5 and s0.25,
@@ -97,6 +99,7 @@ queue1() {
   train configs/cifar10/input-consistency-s0.25.json 50
   dev cifar10-input-consistency-s0.25
   full cifar10-input-consistency-s0.5
+  samples cifar10-input-consistency-s0.5 eval-every20-n100000 --limit 100  # issue 14, item 4
   full cifar10-input-consistency-s0.25
 }
 
@@ -106,7 +109,7 @@ queue2() {
   train configs/mnist/splitz-consistency-s1.0.json 200
   dev mnist-splitz-consistency-s1.0
   full mnist-input-consistency-s0.25 --order spread
-  samples mnist-input-consistency-s0.5  # issue 14, item 4
+  samples mnist-input-consistency-s0.5 eval-every10-n100000  # issue 14, item 4
   full mnist-splitz-consistency-s1.0 --order spread
 }
 
