@@ -21,7 +21,7 @@ train() {  # config batch: train into wip/<id> (resumes), then ship to models/<i
   local id
   id=$(.venv/bin/python -c "import json, sys; print(json.load(open(sys.argv[1]))['id'])" "$1")
   [ -e "models/$id" ] && return  # shipped: its training had finished
-  $SPLITZ train --config "$1" --out "wip/$id"
+  $SPLITZ train --config "$1" --out "wip/$id" --precision auto  # bfloat16 where the CPU has it
   rm -rf "wip/$id.ship"
   mkdir -p "wip/$id.ship"
   cp "wip/$id/model.safetensors" "wip/$id/card.json" "wip/$id.ship/"

@@ -139,7 +139,7 @@ run() {  # config: train, then pack the run's folder into $OUT/<id>.tar
   local cfg=$1 id t0=$SECONDS rc
   id=$("$PY" -c "import json, sys; print(json.load(open(sys.argv[1]))['id'])" "$cfg")
   timeout -k 15 "$limit" "$PY" -m splitz train --config "$cfg" --device "$DEVICE" \
-    --out "$OUT/$id" "${over[@]}" >"$OUT/$id.log" 2>&1
+    --precision auto --out "$OUT/$id" "${over[@]}" >"$OUT/$id.log" 2>&1
   rc=$?
   echo "exit status $rc after $((SECONDS - t0))s$([ $rc -eq 124 ] && echo ' (timed out)')" >>"$OUT/$id.log"
   echo "SUMMARY $(summary "$OUT/$id" 2>&1 | tail -1), exit status $rc, $((SECONDS - t0)) s wall" >>"$OUT/$id.log"

@@ -141,6 +141,9 @@ def _parser() -> argparse.ArgumentParser:
                       ("lr", float), ("train-limit", int), ("seed", int), ("data-root", Path),
                       ("loader-workers", int)):
         t.add_argument(f"--{name}", type=typ)
+    t.add_argument("--precision", choices=("float32", "bfloat16", "auto"),
+                   help="forward passes in bfloat16 autocast (auto: where the device has it in "
+                        "hardware); a run may resume under another")
     t.add_argument("--device", default="cpu", help="cpu, cuda, cuda:1 ... (resumes on any)")
     t.set_defaults(run=_train)
     return p
@@ -438,7 +441,7 @@ def _submit(args) -> int:
 def _train(args) -> int:
     fields = json.loads(args.config.read_text()) if args.config else {}
     for key in ("id", "out", "arch", "dataset", "split", "sigma", "epochs", "batch_size", "lr",
-                "train_limit", "seed", "data_root", "loader_workers"):
+                "train_limit", "seed", "data_root", "loader_workers", "precision"):
         if getattr(args, key) is not None:
             fields[key] = getattr(args, key)
     fields.setdefault("out", Path("runs") / fields.get("id", "model"))

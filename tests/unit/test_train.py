@@ -72,14 +72,15 @@ def test_a_run_saved_before_loader_workers_resumes_elsewhere_with_workers(tmp_pa
     path = old.out / train.STATE
     state = torch.load(path, weights_only=True)
     fields = json.loads(state["config"])
-    del fields["loader_workers"]  # as written before the field existed
+    del fields["loader_workers"]  # as written before the fields existed
+    del state["bfloat16_epochs"]
     state["config"] = json.dumps(fields)
     moved = tmp_path / "here" / "t"  # fetched from the GPU machine into another folder
     moved.mkdir(parents=True)
     torch.save(state, moved / train.STATE)
 
     now = old.model_copy(update={"out": moved, "loader_workers": 4, "data_root": tmp_path})
-    assert train._resume(now, *_state_for(now)) == (2, 5.0)
+    assert train._resume(now, *_state_for(now)) == (2, 5.0, 0)
     with pytest.raises(ValueError, match="another config"):  # one that changes the model
         changed = now.model_copy(update={"lr": 0.5})
         train._resume(changed, *_state_for(changed))
@@ -131,6 +132,44 @@ def test_loader_workers_train_and_stay_off_the_card(tmp_path, fake_mnist):
     card = checkpoint.load(train.train(cfg)).card
     assert {"loader_workers", "out", "data_root"}.isdisjoint(card.training["config"])
     train.train(cfg.model_copy(update={"loader_workers": 0}))  # the same run, done: resumes
+
+
+@pytest.mark.slow
+def test_a_run_resumed_in_bfloat16_autocast_counts_those_epochs_on_its_card(
+        tmp_path, fake_mnist, monkeypatch):
+    cfg = config(tmp_path, fake_mnist, split="conv1", recipe="consistency", noise_copies=2)
+    real_epoch, real_step, seen = train._epoch, train.recipe_step, []
+
+    def dying_epoch(cfg, model, opt, sched, loader, epoch):
+        if epoch == 1:
+            raise KeyboardInterrupt
+        return real_epoch(cfg, model, opt, sched, loader, epoch)
+
+    def step(*args):
+        logits, loss = real_step(*args)
+        seen.append((torch.is_autocast_enabled("cpu"), logits.dtype, loss.dtype))
+        return logits, loss
+
+    monkeypatch.setattr(train, "_epoch", dying_epoch)
+    monkeypatch.setattr(train, "recipe_step", step)
+    with pytest.raises(KeyboardInterrupt):
+        train.train(cfg)  # one epoch in float32
+    monkeypatch.setattr(train, "_epoch", real_epoch)
+    card = checkpoint.load(train.train(cfg.model_copy(update={"precision": "bfloat16"}))).card
+    assert card.training["bfloat16_autocast_epochs"] == 1  # of 2
+    assert "precision" not in card.training["config"]  # how it was run, not which model
+    per_epoch = len(seen) // 2
+    assert set(seen[:per_epoch]) == {(False, torch.float32, torch.float32)}
+    assert set(seen[per_epoch:]) == {(True, torch.float32, torch.float32)}  # losses in float32
+
+
+@pytest.mark.parametrize("native", [True, False])
+def test_auto_precision_is_bfloat16_only_where_the_device_has_it(monkeypatch, native):
+    monkeypatch.setattr(train, "native_bfloat16", lambda device: native)
+    cpu = torch.device("cpu")
+    assert train._bfloat16(train.TrainConfig(id="t", out="t", precision="auto"), cpu) is native
+    assert train._bfloat16(train.TrainConfig(id="t", out="t", precision="bfloat16"), cpu)
+    assert not train._bfloat16(train.TrainConfig(id="t", out="t"), cpu)
 
 
 def test_lipschitz_estimate_is_below_the_sound_bound(lenet):
