@@ -82,9 +82,9 @@ class TrainConfig(BaseModel):
     data_root: Path | None = None
     loader_workers: int = Field(0, ge=0)  # DataLoader processes; 0: load in the training one
     # the networks' forward passes in bfloat16 autocast (weights, gradients, the recipe's losses
-    # and the Lipschitz terms stay float32): twice as fast where the device computes bfloat16 in
-    # hardware, 8-10x slower where torch emulates it; "auto": bfloat16 only where native. The
-    # card counts the epochs trained so.
+    # and the Lipschitz terms stay float32): ResNet-20 epochs 1.5-2x faster on a CPU with
+    # AVX512-BF16, 8-10x slower where torch emulates bfloat16; "auto": bfloat16 only where
+    # the device has it in hardware. The card counts the epochs trained so.
     precision: Literal["float32", "bfloat16", "auto"] = "float32"
     description: str = ""
 
@@ -243,6 +243,7 @@ def _epoch(cfg: TrainConfig, model: SplitModel, opt, sched, loader: DataLoader,
     gamma = cfg.gamma_end * ramp
     penalize = cfg.split != "input"
     device = _device(model)
+    bf16 = _bfloat16(cfg, device)
     # Summed on the device, read once per epoch: a read every batch would make the host wait
     # for the GPU before it queues the next batch's work.
     names = ("loss", "ce", "lip", "stab", "acc")
@@ -250,7 +251,7 @@ def _epoch(cfg: TrainConfig, model: SplitModel, opt, sched, loader: DataLoader,
     bar = tqdm(loader, desc=f"epoch {epoch + 1}", unit="batch", leave=False)
     for i, (x, y) in enumerate(bar):
         x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
-        with torch.autocast(device.type, torch.bfloat16, enabled=_bfloat16(cfg, device)):
+        with torch.autocast(device.type, torch.bfloat16, enabled=bf16):
             logits, objective = recipe_step(cfg, model, x, y, epoch)
         y_all = y.repeat(cfg.noise_copies)
         ce = F.cross_entropy(logits.detach(), y_all)
