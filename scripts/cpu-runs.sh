@@ -46,15 +46,20 @@ qualify() {  # id: where this CPU has bfloat16, bench/precision.py's rule on 100
 }
 
 evaluate() {  # id name [splitz evaluate options]: models/<id>/<name>.tsv, recorded in the card;
-              # a run begun in bfloat16 waits for a session whose CPU has it
-  local id=$1 name=$2
+              # a begun run resumes in its precision (the card's may have changed since), one
+              # begun in bfloat16 in a session whose CPU has it
+  local id=$1 name=$2 proto="models/$1/$2.protocol.json" precision=()
   shift 2
-  if grep -q '"precision": "bfloat16"' "models/$id/$name.protocol.json" 2>/dev/null \
-      && ! native_bf16; then
-    echo "$id/$name: begun in bfloat16, which this CPU emulates: left for another session"
-    return 0
+  if [ -e "$proto" ]; then
+    precision=(--precision "$(.venv/bin/python -c \
+      "import json, sys; print(json.load(open(sys.argv[1]))['precision'])" "$proto")")
+    if [ "${precision[1]}" = bfloat16 ] && ! native_bf16; then
+      echo "$id/$name: begun in bfloat16, which this CPU emulates: left for another session"
+      return 0
+    fi
   fi
-  $SPLITZ evaluate --model "models/$id" --out "models/$id/$name.tsv" --record "$@"
+  $SPLITZ evaluate --model "models/$id" --out "models/$id/$name.tsv" --record \
+    "${precision[@]}" "$@"
 }
 
 dev() {  # id: the development run (n = 10,000; MNIST every 100th, CIFAR-10 the exact first 1000)
