@@ -45,18 +45,22 @@ qualify() {  # id: where this CPU has bfloat16, bench/precision.py's rule on 100
   .venv/bin/python bench/precision.py --model "models/$1" --out-dir "runs/precision-$1" --record
 }
 
+begun_in() {  # protocol file: the precision its run began in
+  .venv/bin/python -c "import json, sys; print(json.load(open(sys.argv[1]))['precision'])" "$1"
+}
+
+emulated() {  # protocol file: true (and says so) for a run begun in bfloat16, on a CPU without it
+  [ "$(begun_in "$1")" = bfloat16 ] && ! native_bf16 \
+    && echo "$1: begun in bfloat16, which this CPU emulates: left for another session"
+}
+
 evaluate() {  # id name [splitz evaluate options]: models/<id>/<name>.tsv, recorded in the card;
-              # a begun run resumes in its precision (the card's may have changed since), one
-              # begun in bfloat16 in a session whose CPU has it
+              # a begun run resumes in its precision (the card's may have changed since)
   local id=$1 name=$2 proto="models/$1/$2.protocol.json" precision=()
   shift 2
   if [ -e "$proto" ]; then
-    precision=(--precision "$(.venv/bin/python -c \
-      "import json, sys; print(json.load(open(sys.argv[1]))['precision'])" "$proto")")
-    if [ "${precision[1]}" = bfloat16 ] && ! native_bf16; then
-      echo "$id/$name: begun in bfloat16, which this CPU emulates: left for another session"
-      return 0
-    fi
+    emulated "$proto" && return 0
+    precision=(--precision "$(begun_in "$proto")")
   fi
   $SPLITZ evaluate --model "models/$id" --out "models/$id/$name.tsv" --record \
     "${precision[@]}" "$@"
@@ -87,6 +91,7 @@ samples() {  # id run [options]: bench/samples.py on run's images, its fixed col
   mkdir -p docs/samples
   local id=$1 run=$2
   shift 2
+  emulated "models/$id/$run.protocol.json" && return 0  # it certifies in the fixed run's
   .venv/bin/python bench/samples.py --model "models/$id" --out "docs/samples/$id.tsv" \
     --fixed "models/$id/$run.tsv" "$@"
 }
