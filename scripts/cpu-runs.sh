@@ -49,8 +49,9 @@ begun_in() {  # protocol file: the precision its run began in
   .venv/bin/python -c "import json, sys; print(json.load(open(sys.argv[1]))['precision'])" "$1"
 }
 
-emulated() {  # protocol file: true (and says so) for a run begun in bfloat16, on a CPU without it
-  [ "$(begun_in "$1")" = bfloat16 ] && ! native_bf16 \
+emulated() {  # protocol file: true (and says so) for a run begun in bfloat16, on a CPU without
+              # it (a run older than protocol files began in float32)
+  [ -e "$1" ] && [ "$(begun_in "$1")" = bfloat16 ] && ! native_bf16 \
     && echo "$1: begun in bfloat16, which this CPU emulates: left for another session"
 }
 
