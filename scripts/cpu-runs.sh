@@ -62,6 +62,8 @@ evaluate() {  # id name [splitz evaluate options]: models/<id>/<name>.tsv, recor
   if [ -e "$proto" ]; then
     emulated "$proto" && return 0
     precision=(--precision "$(begun_in "$proto")")
+  elif [ -e "models/$id/$name.tsv" ]; then
+    precision=(--precision float32)  # a run older than protocol files began in float32
   fi
   $SPLITZ evaluate --model "models/$id" --out "models/$id/$name.tsv" --record \
     "${precision[@]}" "$@"
