@@ -5,8 +5,8 @@ certification with the fewest samples while agreeing with fixed-n CERTIFY.
         --tsv docs/retired/mnist-cohen-s1.0/eval-every10-first100-n100000.tsv --repeats 3
 
 Only the model's card is read (sigma, batch size), so a retired model's folder in docs/retired
-serves as well as a shipped one in models/ (e.g. models/cifar10-cohen-s0.5-quick with its
-eval-exact1000-every20-n100000.tsv).
+serves as well as a shipped one in models/ (e.g. models/mnist-input-consistency-s0.5 with its
+eval-every10-n100000.tsv).
 
 No network runs: each image of an n = 100,000 evaluation TSV gets a binomial vote stream, one
 batch at a time, at the pA its fixed-n run measured (the share that gives its pA_lower), and each

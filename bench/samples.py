@@ -1,8 +1,8 @@
 """Samples per image for the same certificates: fixed-n CERTIFY vs adaptive certify vs radius
 queries, on a standard test subset, in one run (issue 14, item 4).
 
-    python bench/samples.py --model models/cifar10-cohen-s0.5-quick --out samples-cifar10.tsv \
-        --fixed models/cifar10-cohen-s0.5-quick/eval-exact1000-every20-n100000.tsv [--limit 50]
+    python bench/samples.py --model models/mnist-input-consistency-s0.5 --out samples-mnist.tsv \
+        --fixed models/mnist-input-consistency-s0.5/eval-every10-n100000.tsv [--limit 200]
 
 (docs/performance.md's MNIST figures are of mnist-cohen-s1.0 and mnist-splitz-s1.0-theta1-g1,
 since retired: docs/retired/README.md restores their weights into models/<id>.)
