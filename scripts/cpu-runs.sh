@@ -99,7 +99,7 @@ samples() {  # id run [options]: bench/samples.py on run's images, its fixed col
     --fixed "models/$id/$run.tsv" "$@"
 }
 
-# The issue's order: MNIST baselines (s0.5, s1.0 full protocol; s0.25), CIFAR-10 s0.5 and s0.25,
+# The issue's order: MNIST baselines (s0.5, s1.0 full protocol; s0.25), CIFAR-10 s0.5, s0.25, s1.0,
 # the SPLITZ variant under the same recipe; development runs right after training. The SPLITZ
 # training and full run go before the rest of s0.25's (a spread-order partial of 199 images already
 # estimates it), and issue 14's sample counts on 200 real images before both, so neither verdict
@@ -112,6 +112,8 @@ queue1() {
   dev cifar10-input-consistency-s0.5
   train configs/cifar10/input-consistency-s0.25.json 50
   dev cifar10-input-consistency-s0.25
+  train configs/cifar10/input-consistency-s1.0.json 50  # ~3 h: the large radii's σ
+  dev cifar10-input-consistency-s1.0
   full cifar10-input-consistency-s0.5
   samples cifar10-input-consistency-s0.5 eval-every20-n100000 --limit 100  # issue 14, item 4
   full cifar10-input-consistency-s0.25
