@@ -125,7 +125,7 @@ queue2() {
   dev mnist-splitz-consistency-s1.0
   samples mnist-input-consistency-s0.5 eval-every10-n100000 --limit 200  # issue 14, item 4
   full mnist-input-consistency-s0.25 --order spread
-  full mnist-splitz-consistency-s1.0 --order spread  # its dev run already loses by 4-42 points
+  full mnist-splitz-consistency-s1.0 --order spread  # its dev run already loses by 3-66 points
   samples mnist-input-consistency-s0.5 eval-every10-n100000  # the rest of the 1000
 }
 
