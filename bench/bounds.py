@@ -112,8 +112,8 @@ def main() -> None:
             for r in radii if "queries" in figures else ():
                 p_star = max(0.5, float(norm.cdf(r * lip / sigma)))
                 for name, plan in query_plans(n, alpha).items():
-                    low, t = run(plan, counts, sizes, n,
-                                 lambda k, t, plan=plan, ps=p_star: query_stop(plan, k, t, (), ps))
+                    low, t = run(plan, counts, sizes, n, lambda k, t, plan=plan, ps=p_star:
+                                 query_stop(plan, k, t, n, (), ps))
                     q = queries[name]
                     q["pairs"] += 1
                     q["samples"] += t

@@ -38,6 +38,10 @@ from splitz import Smooth, data, load_model
 from splitz.errors import SplitzError
 from splitz.evaluate import RADII, Protocol, claim, read_tsv, subset, summarize
 
+# The queries' stopping rule, in the protocol so rows of an older rule are not resumed into:
+# the confidence sequence, Clopper-Pearson's last look, and since 2026-12-07 "out of reach".
+QUERY_STOP = "sequence at alpha/2, last look, out of reach"
+
 
 def columns(radii: list[float]) -> list[str]:
     return (["idx", "label", "fixed_predict", "fixed_radius", "fixed_samples", "fixed_time",
@@ -97,7 +101,8 @@ def sample(args, radii: list[float]) -> None:
     if args.fixed:  # its votes are the fixed column's only under the same protocol
         claim(args.fixed, asdict(protocol), entry)
     claim(args.out, asdict(protocol) | {"tolerance": args.tolerance, "radii": radii,
-                                        "fixed": args.fixed.name if args.fixed else None})
+                                        "fixed": args.fixed.name if args.fixed else None,
+                                        "query_stop": QUERY_STOP})
     smooth = Smooth.from_checkpoint(loaded, protocol.batch, precision=protocol.precision)
     test = data.load(protocol.data, train=False)
     indices = subset(len(test), protocol.every, protocol.order)

@@ -26,6 +26,7 @@ from .stats import (
     SequentialBound,
     auxiliary_uniform,
     binomial_pvalue,
+    clopper_pearson_lower,
     cs_lower,
     cs_upper,
     feature_radius,
@@ -279,7 +280,8 @@ class Smooth:
         Certified at r  <=>  (R_z - slack) >= r L_r  <=>  pA > p* = Phi((r L_r + slack) / sigma),
         the same test `certify` makes (Theorem 1 at gamma = r). After every batch the beta-
         binomial confidence sequence at alpha/2 (valid at any stopping time) says "certified"
-        once its lower end passes p*, "not certified" once its upper end falls to p*; at n_max
+        once its lower end passes p*, "not certified" once its upper end falls to p* or once
+        "certified" is out of reach within n_max votes (`out_of_reach`); at n_max
         the fixed-n `bound` at alpha/2 gets a last say (it agrees with fixed-n CERTIFY where the
         sequence alone would stay undecided). One Ville event covers both answers of the
         sequence: with probability >= 1 - alpha no answer is wrong. on_chunk: as in certify."""
@@ -296,7 +298,7 @@ class Smooth:
         us = [[auxiliary_uniform(s, 0)] for s in seeds]
 
         def stop(i: int, k: int, t: int) -> bool:
-            return query_stop(plan, k, t, us[i], p_star[i])
+            return query_stop(plan, k, t, n_max, us[i], p_star[i])
 
         with torch.inference_mode():
             z = self._features(x)
@@ -482,12 +484,30 @@ def adaptive_plan(n: int, alpha: float, batch_size: int, bound: str = "clopper-p
     return SequentialBound(0.0, looks, bound)
 
 
-def query_stop(plan: SequentialBound, k: int, t: int, u: Sequence[float],
+def query_stop(plan: SequentialBound, k: int, t: int, n: int, u: Sequence[float],
                p_star: float) -> bool:
-    """A radius query is decided after t votes, k of them for the top class, once the plan's
-    lower bound on pA passes p* ("certified") or its upper bound, the mirror image of the lower
-    bound on the other votes (1 - L(t - k, t)), is at most p* ("not certified")."""
-    return plan.lower(k, t, u).value > p_star or 1.0 - plan.lower(t - k, t, u).value <= p_star
+    """A radius query of at most n votes is decided after t votes, k of them for the top class,
+    once the plan's lower bound on pA passes p* ("certified"), or its upper bound, the mirror
+    image of the lower bound on the other votes (1 - L(t - k, t)), is at most p*, or "certified"
+    is out of reach within n votes ("not certified" both times)."""
+    return (plan.lower(k, t, u).value > p_star or 1.0 - plan.lower(t - k, t, u).value <= p_star
+            or out_of_reach(plan, k, t, n, p_star))
+
+
+def out_of_reach(plan: SequentialBound, k: int, t: int, n: int, p_star: float) -> bool:
+    """Could no bound of the plan pass p* within n votes, even if all n - t votes left went to
+    the top class? Then neither could fixed-n Clopper-Pearson on the same n votes, so stopping
+    here agrees with it (and "not certified" claims nothing, so soundness is not at stake).
+    Every bound of the plan, at any t' <= n on that best path (t - k failures), is at most
+    Clopper-Pearson at the plan's whole alpha with those failures (one-sided Clopper-Pearson is
+    the largest valid lower bound monotone in the successes; the randomized one is at most
+    Clopper-Pearson with one success more), and that grows with t', so t' = n bounds them all."""
+    best = k + n - t
+    if plan.fixed == "randomized-clopper-pearson":
+        if best >= n:
+            return False  # at u -> alpha its bound on n of n votes approaches 1
+        best += 1
+    return clopper_pearson_lower(best, n, plan.alpha) <= p_star
 
 
 def adaptive_stop(plan: SequentialBound, k: int, t: int, n: int, u: Sequence[float],

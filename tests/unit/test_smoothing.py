@@ -11,7 +11,7 @@ from splitz.data import DatasetSpec
 from splitz.errors import InputError
 from splitz.lipschitz import F1Bound
 from splitz.nets import ClipReLU, Normalize, SplitModel, create_model
-from splitz.smoothing import Smooth, adaptive_plan
+from splitz.smoothing import Smooth, adaptive_plan, out_of_reach, query_plan
 from splitz.stats import (
     auxiliary_uniform,
     clopper_pearson_lower,
@@ -300,3 +300,28 @@ def test_batchnorm_is_folded_into_the_convolutions_for_certification():
     with torch.no_grad():
         assert torch.allclose(smooth.f2(z.contiguous(memory_format=torch.channels_last)),
                               model.eval().f2(z), rtol=1e-4, atol=1e-5)
+
+
+def test_a_query_beyond_what_its_budget_can_certify_stops_at_once():
+    """Every vote for class 3, yet at n_max = 100,000 Clopper-Pearson reaches at most
+    0.001^(1 / 100,000): Phi^-1 = 3.81, radius 0.953 at sigma = 0.25. At radius 1.0 the query
+    says "not certified" after its first batch (before: all 100,000 votes); just inside the
+    reach it samples on and certifies."""
+    smooth = Smooth(confident_model(), batch_size=500)
+    x = torch.rand(1, 28, 28)
+    far = smooth.query(x, radius=1.0, n_max=100_000)[0]
+    assert not far.certified and far.samples == 500 and far.n_a == 500
+    near = smooth.query(x, radius=0.8, n_max=100_000)[0]
+    assert near.certified and near.samples > 500
+
+
+def test_out_of_reach_agrees_with_fixed_n_clopper_pearson():
+    """Where it stops a query, fixed-n Clopper-Pearson at the whole alpha cannot certify even
+    with every vote left; one vote short of that, it does not stop."""
+    plan = query_plan(1000, 0.001, "clopper-pearson")
+    for k, t in [(100, 100), (90, 100), (500, 600)]:
+        reach = clopper_pearson_lower(k + 1000 - t, 1000, 0.001)
+        assert out_of_reach(plan, k, t, 1000, reach)
+        assert not out_of_reach(plan, k, t, 1000, reach - 1e-9)
+    randomized = query_plan(1000, 0.001, "randomized-clopper-pearson")
+    assert not out_of_reach(randomized, 100, 100, 1000, 0.999999)  # all votes: near 1 is reachable
