@@ -4,8 +4,9 @@ queries, on a standard test subset, in one run (issue 14, item 4).
     python bench/samples.py --model models/mnist-input-consistency-s0.5 --out samples-mnist.tsv \
         --fixed models/mnist-input-consistency-s0.5/eval-every10-n100000.tsv [--limit 200]
 
-(docs/performance.md's MNIST figures are of mnist-cohen-s1.0 and mnist-splitz-s1.0-theta1-g1,
-since retired: docs/retired/README.md restores their weights into models/<id>.)
+(docs/performance.md's first MNIST figures are of mnist-cohen-s1.0 and
+mnist-splitz-s1.0-theta1-g1, since retired: docs/retired/README.md restores their weights into
+models/<id>.)
 
 Image i (test images 0, every, 2 every, ... of --data) is certified adaptively (`--tolerance`,
 budget --n) and queried at each radius of --radii (early stopping, at most --n votes), all with

@@ -317,7 +317,7 @@ def test_a_query_beyond_what_its_budget_can_certify_stops_at_once():
 
 def test_out_of_reach_agrees_with_fixed_n_clopper_pearson():
     """Where it stops a query, fixed-n Clopper-Pearson at the whole alpha cannot certify even
-    with every vote left; one vote short of that, it does not stop."""
+    with every vote left; for a p* just below what that reaches, it does not stop."""
     plan = query_plan(1000, 0.001, "clopper-pearson")
     for k, t in [(100, 100), (90, 100), (500, 600)]:
         reach = clopper_pearson_lower(k + 1000 - t, 1000, 0.001)
