@@ -45,13 +45,14 @@ qualify() {  # id: where this CPU has bfloat16, bench/precision.py's rule on 100
   .venv/bin/python bench/precision.py --model "models/$1" --out-dir "runs/precision-$1" --record
 }
 
-begun_in() {  # protocol file: the precision its run began in
-  .venv/bin/python -c "import json, sys; print(json.load(open(sys.argv[1]))['precision'])" "$1"
+begun_in() {  # protocol file: the precision its run began in (a run older than protocol files,
+              # or none yet: float32)
+  .venv/bin/python -c "import json, os, sys; p = sys.argv[1]
+print(json.load(open(p))['precision'] if os.path.exists(p) else 'float32')" "$1"
 }
 
-emulated() {  # protocol file: true (and says so) for a run begun in bfloat16, on a CPU without
-              # it (a run older than protocol files began in float32)
-  [ -e "$1" ] && [ "$(begun_in "$1")" = bfloat16 ] && ! native_bf16 \
+emulated() {  # protocol file: true (and says so) for a run begun in bfloat16, on a CPU without it
+  [ "$(begun_in "$1")" = bfloat16 ] && ! native_bf16 \
     && echo "$1: begun in bfloat16, which this CPU emulates: left for another session"
 }
 
@@ -59,11 +60,9 @@ evaluate() {  # id name [splitz evaluate options]: models/<id>/<name>.tsv, recor
               # a begun run resumes in its precision (the card's may have changed since)
   local id=$1 name=$2 proto="models/$1/$2.protocol.json" precision=()
   shift 2
-  if [ -e "$proto" ]; then
+  if [ -e "$proto" ] || [ -e "models/$id/$name.tsv" ]; then  # begun
     emulated "$proto" && return 0
     precision=(--precision "$(begun_in "$proto")")
-  elif [ -e "models/$id/$name.tsv" ]; then
-    precision=(--precision float32)  # a run older than protocol files began in float32
   fi
   $SPLITZ evaluate --model "models/$id" --out "models/$id/$name.tsv" --record \
     "${precision[@]}" "$@"
