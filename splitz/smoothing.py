@@ -1,6 +1,5 @@
 """The Monte Carlo engine: sample noise at the split, count votes, certify and predict."""
 
-import copy
 import math
 import secrets
 import time
@@ -9,13 +8,12 @@ from dataclasses import asdict, dataclass
 
 import torch
 from scipy.stats import norm
-from torch import Tensor, nn
-from torch.fx.experimental.optimization import fuse
-from torch.fx.proxy import TraceError
+from torch import Tensor
 from tqdm import tqdm
 
 from .checkpoint import LoadedModel
 from .errors import InputError
+from .inference import for_certification
 from .lipschitz import F1Bound, input_radius
 from .nets import SplitModel
 from .noise import NoiseStream, fill_normal
@@ -184,11 +182,9 @@ class Smooth:
         self.preprocess = preprocess
         self.bound = F1Bound(model.f1, model.input_shape)
         # Noise is drawn and added in float32; rounding to `precision` is then the first step
-        # of the base classifier, so the certificate is exact for f2 as computed. channels_last
-        # lets oneDNN / cuDNN pick faster convolutions (1.4-1.6x for the MNIST LeNet on CPU).
+        # of the base classifier, so the certificate is exact for f2 as computed.
         self.precision, self.dtype = precision, PRECISIONS[precision]
-        self.f2 = _fold_batchnorm(copy.deepcopy(model.f2)).to(self.dtype).to(
-            memory_format=torch.channels_last)
+        self.f2 = for_certification(model.f2, self.dtype)
 
     @classmethod
     def from_checkpoint(cls, loaded: LoadedModel, batch_size: int | None = None,
@@ -438,19 +434,6 @@ class _Ticker:
     def close(self) -> None:
         if self.bar is not None:
             self.bar.close()
-
-
-def _fold_batchnorm(f2: nn.Module) -> nn.Module:
-    """f2 with each BatchNorm folded into the convolution before it (torch.fx's `fuse`, with
-    the running statistics: f2 is only evaluated here): one layer instead of two, the same
-    function up to float rounding, and the certificate is for f2 as computed (as it is for the
-    convolution algorithms). A network without BatchNorm, or one FX cannot trace, is kept."""
-    if not any(isinstance(m, nn.modules.batchnorm._BatchNorm) for m in f2.modules()):
-        return f2
-    try:
-        return fuse(f2.eval())
-    except (TraceError, TypeError, NotImplementedError):
-        return f2
 
 
 def _device(name: str) -> torch.device:
