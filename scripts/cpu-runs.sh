@@ -31,10 +31,6 @@ card = c.read_card(p); card.batch_size = int(sys.argv[2]); c.write_card(card, p)
   mv "wip/$id.ship" "models/$id"  # whole, in one rename: the service may be watching models/
 }
 
-shipped() {  # id: is models/<id> there? (else says so: another queue still trains it)
-  [ -e "models/$1" ] || { echo "$1: not trained yet, left for a later start"; return 1; }
-}
-
 native_bf16() {  # does this CPU compute bfloat16 in hardware? (else torch emulates it, 8-10x
                  # slower than float32; the machine differs between sessions)
   .venv/bin/python -c "import sys, torch; from splitz.smoothing import native_bfloat16
@@ -80,8 +76,9 @@ dev() {  # id: the development run (n = 10,000; MNIST every 100th, CIFAR-10 the 
 }
 
 full() {  # id [options]: the standard protocol at n = 100,000: MNIST every 10th test image;
-          # CIFAR-10 every 20th, first the 50 with exact pixels (~90 s each here), then all 500
-          # on the JPEG copy in spread order (~12 h: a partial run estimates the whole)
+          # CIFAR-10 every 20th, first the 50 with exact pixels (90-150 s each here), then all
+          # 500 on the JPEG copy in spread order (12-21 h: a partial run, --limit, estimates the
+          # whole, and the same step without it extends the run later)
   local id=$1
   shift
   ls "models/$id"/eval-*n100000.tsv > /dev/null 2>&1 || qualify "$id"  # before the first run
@@ -89,7 +86,8 @@ full() {  # id [options]: the standard protocol at n = 100,000: MNIST every 10th
     mnist-*) evaluate "$id" eval-every10-n100000 --every 10 --n 100000 "$@" ;;
     *) evaluate "$id" eval-exact1000-every20-n100000 --data cifar10-exact1000 --every 20 \
          --n 100000 "$@"
-       evaluate "$id" eval-every20-n100000 --data cifar10 --every 20 --n 100000 --order spread ;;
+       evaluate "$id" eval-every20-n100000 --data cifar10 --every 20 --n 100000 --order spread \
+         "$@" ;;
   esac
 }
 
@@ -106,8 +104,9 @@ samples() {  # id run [options]: bench/samples.py on run's images, its fixed col
 # the SPLITZ variant under the same recipe; development runs right after training. Issue 14's
 # sample counts on 200 real images go before the rest of s0.25's full run (199 images in spread
 # order already estimate it); in queue 2, which has less to do, SPLITZ under CIFAR-10's recipe
-# (the quick SPLITZ models had locality there) and CIFAR-10 s1.0's full run; the MNIST SPLITZ
-# full run last, its development run being decisive.
+# (the quick SPLITZ models had locality there); the MNIST SPLITZ full run last, its development
+# run being decisive. Queue 1 carries CIFAR-10's three full runs, so that no two queues ever
+# write one TSV.
 # A step that outlasts a session carries on in the next from wip/ (trainings) or its TSV.
 queue1() {
   train configs/mnist/input-consistency-s0.25.json 200  # ~2.2 h: fits in one session
@@ -118,9 +117,14 @@ queue1() {
   dev cifar10-input-consistency-s0.25
   train configs/cifar10/input-consistency-s1.0.json 50  # ~3 h: the large radii's σ
   dev cifar10-input-consistency-s1.0
-  full cifar10-input-consistency-s0.5
+  # CIFAR-10's full runs: each σ to 100 JPEG images first (the best-over-σ table sooner)
+  full cifar10-input-consistency-s0.5 --limit 100
   samples cifar10-input-consistency-s0.5 eval-every20-n100000 --limit 100  # issue 14, item 4
+  full cifar10-input-consistency-s0.25 --limit 100
+  full cifar10-input-consistency-s1.0 --limit 100
+  full cifar10-input-consistency-s0.5
   full cifar10-input-consistency-s0.25
+  full cifar10-input-consistency-s1.0
 }
 
 queue2() {
@@ -133,7 +137,6 @@ queue2() {
   train configs/cifar10/splitz-consistency-s0.5.json 50  # ~5 h: SPLITZ under CIFAR-10's recipe
   dev cifar10-splitz-consistency-s0.5
   samples mnist-input-consistency-s0.5 eval-every10-n100000  # the rest of the 1000
-  shipped cifar10-input-consistency-s1.0 && full cifar10-input-consistency-s1.0  # queue 1 trains it
   full mnist-splitz-consistency-s1.0 --order spread  # its dev run already loses by 3-66 points
 }
 
