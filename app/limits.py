@@ -31,7 +31,9 @@ class BodySizeLimit:
             return await self.app(scope, receive, send)
         limit = self._limit(scope)
         declared = dict(scope["headers"]).get(b"content-length")
-        if declared is not None and (not declared.isdigit() or int(declared) > limit):
+        if declared is not None and not declared.isdigit():
+            return await error(400, "invalid Content-Length header")(scope, receive, send)
+        if declared is not None and int(declared) > limit:
             return await self._reject(scope, receive, send, limit)
         seen, started = 0, False
 

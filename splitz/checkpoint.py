@@ -57,6 +57,8 @@ BOUND_METHODS = {
 PIXEL_RANGE = (0.0, 1.0)
 READ_TRIES = 3  # a folder replaced this many times while one reader opens it is an error
 RENAME_NOREPLACE, RENAME_EXCHANGE = 1, 2  # renameat2(2) flags (linux/fs.h)
+MAX_CLASSES = 100_000  # ImageNet-21k has 21,841: a card's "classes" beyond this is an error
+
 # Hidden folders beside the models, never models (no MODEL_ID starts with "."): an import being
 # written, and a deleted model being removed. A crash can leave them (remove_stale).
 IMPORT_PREFIX, DELETED_PREFIX = ".import-", ".deleted-"
@@ -97,6 +99,9 @@ class ModelCard(BaseModel):
     @field_validator("classes", mode="before")
     @classmethod
     def _numbered_classes(cls, value: Any) -> Any:
+        count = value if isinstance(value, int) else len(value) if isinstance(value, list) else 0
+        if count > MAX_CLASSES:  # checked before a number is spelt out as names
+            raise ValueError(f"more than {MAX_CLASSES:,} classes")
         return [str(i) for i in range(value)] if isinstance(value, int) else value
 
     @field_validator("pixel_range")
@@ -264,6 +269,9 @@ def open_version(directory: Path) -> tuple[ModelCard, BinaryIO]:
             if not _moved(folder, directory):
                 what = "model card" if e.filename == CARD else "weights file"
                 raise CheckpointError(f"no {what} at {directory / e.filename}") from None
+        except OSError as e:  # a folder named card.json, no permission...
+            raise CheckpointError(f"cannot read {directory / str(e.filename or '')}: "
+                                  f"{e.strerror}") from None
         finally:
             os.close(folder)
     raise CheckpointError(f"{directory} was replaced {READ_TRIES} times while being read")

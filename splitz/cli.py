@@ -13,10 +13,10 @@ import torch
 from pydantic import ValidationError
 
 from . import checkpoint, data, evaluate, importer
-from .errors import SplitzError
+from .errors import InputError, SplitzError, first_line
 from .images import load_image
 from .lipschitz import layer_profile
-from .smoothing import PRECISIONS, SEED_LIMIT, Smooth, known_draw
+from .smoothing import PRECISIONS, SEED_LIMIT, Smooth, known_draw, parse_device
 from .stats import FIXED_BOUNDS, text_down, text_up
 from .train import TrainConfig, train
 
@@ -32,6 +32,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         first = e.errors()[0]
         where = ".".join(map(str, first["loc"]))
         print(f"splitz: error: invalid {e.title} {where}: {first['msg']}", file=sys.stderr)
+        return 2
+    except OSError as e:  # a path that is missing, a folder, not writable...
+        print(f"splitz: error: {e.strerror or first_line(e)}"
+              f"{f': {e.filename}' if e.filename else ''}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print("splitz: interrupted", file=sys.stderr)
@@ -84,7 +88,7 @@ def _parser() -> argparse.ArgumentParser:
     ev.add_argument("--precision", choices=tuple(PRECISIONS),
                     help="f2's precision (default: the model card's)")
     ev.add_argument("--seed", type=_seed, default=0, help="image i uses seed + i (0)")
-    ev.add_argument("--device", default="cpu")
+    ev.add_argument("--device", type=_device, default="cpu")
     ev.add_argument("--data-root", type=Path)
     ev.add_argument("--data", choices=sorted(data.SPECS.keys() | data.VARIANTS.keys()),
                     help="test set (default: the card's data set; cifar10-exact1000 and "
@@ -114,7 +118,7 @@ def _parser() -> argparse.ArgumentParser:
     su.add_argument("images", nargs="+", type=Path, metavar="IMAGE")
     su.add_argument("--model", required=True, help="model id on the server")
     su.add_argument("--url", default="http://127.0.0.1:8000")
-    su.add_argument("--api-key")
+    su.add_argument("--api-key", type=_api_key)
     su.add_argument("--n", type=_positive_int)
     su.add_argument("--n0", type=_positive_int)
     su.add_argument("--alpha", type=float)
@@ -144,7 +148,8 @@ def _parser() -> argparse.ArgumentParser:
     t.add_argument("--precision", choices=("float32", "bfloat16", "auto"),
                    help="forward passes in bfloat16 autocast (auto: where the device has it in "
                         "hardware); a run may resume under another")
-    t.add_argument("--device", default="cpu", help="cpu, cuda, cuda:1 ... (resumes on any)")
+    t.add_argument("--device", type=_device, default="cpu",
+                   help="cpu, cuda, cuda:1 ... (resumes on any)")
     t.set_defaults(run=_train)
     return p
 
@@ -175,11 +180,25 @@ def _import_args(p: argparse.ArgumentParser) -> None:
     p.set_defaults(run=_import)
 
 
+def _device(name: str) -> str:
+    try:
+        parse_device(name)
+    except InputError as e:
+        raise argparse.ArgumentTypeError(str(e)) from None
+    return name
+
+
+def _api_key(text: str) -> str:
+    if not (text.isascii() and text.isprintable()):  # an HTTP header carries it
+        raise argparse.ArgumentTypeError("an API key is printable ASCII")
+    return text
+
+
 def _json_object(text: str) -> dict:
     try:
         value = json.loads(text)
-    except json.JSONDecodeError as e:
-        raise argparse.ArgumentTypeError(f"not JSON: {e}") from None
+    except (ValueError, RecursionError) as e:
+        raise argparse.ArgumentTypeError(f"not JSON: {first_line(e)}") from None
     if not isinstance(value, dict):
         raise argparse.ArgumentTypeError("must be a JSON object")
     return value
@@ -194,7 +213,7 @@ def _sampling_args(p: argparse.ArgumentParser, n: int) -> None:
                    help="samples per forward pass (default: the model card's)")
     p.add_argument("--seed", type=_seed, help="noise seed (default: drawn from the OS's secure "
                    "generator; a chosen seed is recorded as seed_source=client)")
-    p.add_argument("--device", default="cpu", help="cpu, cuda, cuda:1, ...")
+    p.add_argument("--device", type=_device, default="cpu", help="cpu, cuda, cuda:1, ...")
     p.add_argument("--precision", choices=tuple(PRECISIONS),
                    help="f2's precision (default: the model card's)")
     p.add_argument("--json", action="store_true", help="one JSON object per image")
@@ -387,7 +406,9 @@ def _record(args, protocol: evaluate.Protocol, weights_sha256: str,
 
 
 def _plot(args) -> int:
-    evaluate.plot({p.stem: evaluate.read_tsv(p) for p in args.tsv}, args.out)
+    if args.out.suffix.lower() != ".png":
+        raise InputError(f"--out {args.out}: plot writes a PNG (name it .png)")
+    evaluate.plot({p.stem: evaluate.read_tsv(p, evaluate.SUMMED) for p in args.tsv}, args.out)
     print(f"wrote {args.out}")
     return 0
 
@@ -439,7 +460,7 @@ def _submit(args) -> int:
 
 
 def _train(args) -> int:
-    fields = json.loads(args.config.read_text()) if args.config else {}
+    fields = _json_file(args.config, "--config") if args.config else {}
     for key in ("id", "out", "arch", "dataset", "split", "sigma", "epochs", "batch_size", "lr",
                 "train_limit", "seed", "data_root", "loader_workers", "precision"):
         if getattr(args, key) is not None:
@@ -451,7 +472,7 @@ def _train(args) -> int:
 
 
 def _import(args) -> int:
-    fields = _card_file(args.card) if args.card else {}
+    fields = _json_file(args.card, "--card") if args.card else {}
     flags = {"id": args.id, "arch": args.arch, "arch_kwargs": args.arch_kwargs,
              "dataset": args.dataset, "split": args.split, "sigma": args.sigma,
              "input_shape": args.input_shape, "mean": args.mean, "std": args.std,
@@ -474,13 +495,14 @@ def _import(args) -> int:
     return 0
 
 
-def _card_file(path: Path) -> dict:
+def _json_file(path: Path, flag: str) -> dict:
+    """The JSON object of fields in the file given as `flag`."""
     try:
         fields = json.loads(path.read_text())
-    except (OSError, ValueError) as e:
-        raise SplitzError(f"--card {path}: not a readable JSON file ({e})") from None
+    except (OSError, ValueError, RecursionError) as e:
+        raise SplitzError(f"{flag} {path}: not a readable JSON file ({first_line(e)})") from None
     if not isinstance(fields, dict):
-        raise SplitzError(f"--card {path}: must hold a JSON object of card fields")
+        raise SplitzError(f"{flag} {path}: must hold a JSON object of fields")
     return fields
 
 

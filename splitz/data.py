@@ -15,6 +15,7 @@ import torch
 from torch.utils.data import Dataset, Subset, TensorDataset
 
 from . import cifar10_labels
+from .errors import InputError, first_line
 
 
 @dataclass(frozen=True)
@@ -62,9 +63,17 @@ def default_root() -> Path:
 
 def load(name: str, train: bool, root: Path | None = None, augment: bool = False) -> Dataset:
     """The data set as tensors in [0, 1] (normalization is part of the model, not the data)."""
+    root = Path(root or default_root())
+    try:
+        return _load(name, train, root, augment)
+    except (RuntimeError, OSError) as e:  # torchvision's failed download, an unreadable file
+        raise InputError(f"cannot load {name} from {root} ({first_line(e)}): point "
+                         "SPLITZ_DATA (or --data-root) at a folder holding it") from None
+
+
+def _load(name: str, train: bool, root: Path, augment: bool) -> Dataset:
     from torchvision import datasets, transforms  # here: workers never load data (~190 MB)
 
-    root = Path(root or default_root())
     if name == "mnist":
         return datasets.MNIST(root, train=train, download=not _has_mnist(root),
                               transform=transforms.ToTensor())

@@ -12,11 +12,12 @@ from tqdm import tqdm
 
 from . import data
 from .checkpoint import LoadedModel
-from .errors import InputError
-from .smoothing import Smooth, default_precision
+from .errors import InputError, first_line
+from .smoothing import Smooth, check_sampling, default_precision
 from .stats import text_down, text_up
 
 COLUMNS = ["idx", "label", "predict", "radius", "correct", "time", "L", "pA_lower"]
+SUMMED = ("idx", "radius", "correct")  # what resuming and summarizing an evaluation read
 RADII = tuple(round(0.25 * i, 2) for i in range(11))  # 0, 0.25, ..., 2.5
 ORDERS = ("index", "spread")
 STANDARD_EVERY = {"cifar10": 20, "mnist": 10}  # the standard subsets (CIFAR-10: 500 images)
@@ -44,7 +45,8 @@ class Protocol:
     precision: str
     batch: int
 
-    def __post_init__(self) -> None:
+    def __post_init__(self) -> None:  # before claim writes a run's files under it
+        check_sampling(self.n, self.alpha, self.n0)
         if self.data not in data.SPECS.keys() | data.VARIANTS.keys():
             raise InputError(f"no test set for data set {self.data!r}: evaluate knows "
                              f"{', '.join(sorted(data.SPECS.keys() | data.VARIANTS.keys()))}")
@@ -107,7 +109,7 @@ def evaluate(loaded: LoadedModel, out: Path, protocol: Protocol, limit: int | No
     test = data.load(protocol.data, train=False, root=data_root)
     planned = subset(len(test), protocol.every, protocol.order)
     claim(out, asdict(protocol), loaded.card.metrics.get(out.stem))
-    rows = read_tsv(out) if out.exists() else []
+    rows = read_tsv(out, SUMMED) if out.exists() else []
     done = {int(r["idx"]) for r in rows}
     if done != set(planned[:len(done)]):
         raise InputError(f"{out} holds other images than the first {len(done)} of every "
@@ -147,14 +149,28 @@ def subset(size: int, every: int, order: str = "index") -> list[int]:
     return indices
 
 
-def read_tsv(path: Path) -> list[dict[str, str]]:
-    with open(path, newline="") as f:
-        return list(csv.DictReader(f, delimiter="\t"))
+def read_tsv(path: Path, need: tuple[str, ...] = ("idx",)) -> list[dict[str, str]]:
+    """The rows of a TSV with a header naming at least the columns `need` (an empty file,
+    killed before its header, has no rows)."""
+    try:
+        with open(path, newline="") as f:
+            reader = csv.DictReader(f, delimiter="\t")
+            rows, header = list(reader), reader.fieldnames
+    except (OSError, UnicodeDecodeError, csv.Error) as e:
+        raise InputError(f"{path}: not a readable TSV ({first_line(e)})") from None
+    if header is not None and (missing := [c for c in need if c not in header]):
+        raise InputError(f"{path}: no column {', '.join(missing)} (an evaluation TSV has "
+                         f"{', '.join(COLUMNS)})")
+    return rows
 
 
 def summarize(rows: list[dict[str, str]], radii: tuple[float, ...] = RADII) -> Summary:
-    correct = torch.tensor([int(r["correct"]) for r in rows], dtype=torch.bool)
-    radius = torch.tensor([float(r["radius"]) for r in rows], dtype=torch.float64)
+    try:
+        correct = torch.tensor([int(r["correct"]) for r in rows], dtype=torch.bool)
+        radius = torch.tensor([float(r["radius"]) for r in rows], dtype=torch.float64)
+    except (KeyError, TypeError, ValueError) as e:
+        raise InputError(f"an evaluation row without its correct and radius numbers "
+                         f"({first_line(e)})") from None
     acc = {r: float((correct & (radius >= r)).double().mean()) for r in radii}
     acr = float((radius * correct).mean())
     return Summary(len(rows), acc, acr)

@@ -3,7 +3,8 @@
 The format, size and mode are read from the header and checked before any pixel is decoded, so
 an image's decoded size is bounded by the model's input whatever its file claims (a 20000x20000
 PNG of a few hundred KB is refused without allocating it). A model whose card declares
-preprocessing (resize, center crop) takes any size up to MAX_PIXELS and certifies the result."""
+preprocessing (resize, center crop) takes any size up to MAX_PIXELS, before and after the resize,
+and certifies the result."""
 
 import io
 from pathlib import Path
@@ -40,6 +41,17 @@ class Preprocess(BaseModel):
         """E.g. "resize 256, center crop 224"."""
         return ", ".join(f"{key.replace('_', ' ')} {'x'.join(map(str, _sizes(size)))}"
                          for key, size in self.model_dump(exclude_none=True).items())
+
+    def resized_pixels(self, width: int, height: int) -> int:
+        """How many pixels the resize makes of a width x height image (as torchvision's Resize
+        sizes it), before the crop: a 1 x 20,000 strip resized to a shorter side of 256 would
+        be 5 million pixels wide."""
+        if self.resize is None:
+            return width * height
+        if isinstance(self.resize, tuple):
+            return self.resize[0] * self.resize[1]
+        short, long = sorted((width, height))
+        return self.resize * int(self.resize * long / short)
 
     def apply(self, img: Image.Image) -> Image.Image:
         from torchvision.transforms import functional  # here: only preprocessing models need it
@@ -90,6 +102,10 @@ def decode(data: bytes, shape: tuple[int, int, int], name: str,
                                  f"{w}x{h}")
             if img.width * img.height > MAX_PIXELS:
                 raise InputError(f"{name}: image is {img.width}x{img.height}, more than "
+                                 f"{MAX_PIXELS:,} pixels")
+            if preprocess is not None and preprocess.resized_pixels(*img.size) > MAX_PIXELS:
+                raise InputError(f"{name}: image is {img.width}x{img.height}, which the "
+                                 f"model's {preprocess.describe()} would make more than "
                                  f"{MAX_PIXELS:,} pixels")
             if img.mode != MODES.get(c):
                 raise InputError(f"{name}: image mode {img.mode}, the model needs {MODES.get(c)}")

@@ -129,6 +129,9 @@ def read_state_dict(source: bytes, name: str = "weights") -> dict[str, Tensor]:
             raise InvalidModelError(
                 f"{name}: key {key!r} holds a {type(value).__name__}, not a tensor (a training "
                 f"checkpoint keeps its state dict under one of {', '.join(WRAPPERS)})")
+        if value.layout != torch.strided or value.device.type != "cpu":  # sparse, meta...
+            raise InvalidModelError(f"{name}: key {key!r} is not a dense tensor "
+                                    f"({value.layout}, {value.device.type}): save dense ones")
     return state
 
 
@@ -194,6 +197,8 @@ def _target(repository: Path, model_id: str, force: bool) -> Path:
     """Where the model goes; an existing one is refused before any work unless `force` (and
     again, atomically, when it is published)."""
     target = repository / model_id
+    if repository.exists() and not repository.is_dir():  # else mkdir's FileExistsError
+        raise InvalidModelError(f"{repository} is a file, not a model repository (a folder)")
     if target.exists() and not force:
         raise _exists(model_id)
     return target

@@ -154,7 +154,7 @@ def default_precision(card_precision: str, device: str | torch.device) -> str:
     hardware, else float32. Our cards say bfloat16 only after their certified accuracy held at
     bfloat16 (bench/precision.py), so either precision certifies the model as measured; each
     certificate records the one it used."""
-    if card_precision == "float32" or native_bfloat16(_device(str(device))):
+    if card_precision == "float32" or native_bfloat16(parse_device(str(device))):
         return card_precision
     return "float32"
 
@@ -176,7 +176,7 @@ class Smooth:
             raise InputError("batch size must be at least 1")
         if precision not in PRECISIONS:
             raise InputError(f"precision must be one of {', '.join(PRECISIONS)}")
-        self.device = _device(device)
+        self.device = parse_device(device)
         self.model = model.to(self.device).eval()
         self.batch_size, self.model_id, self.model_sha256 = batch_size, model_id, model_sha256
         self.preprocess = preprocess
@@ -213,7 +213,7 @@ class Smooth:
         sequence rules out pA > 1/2. on_chunk(m) runs before each chunk of m samples is drawn;
         what it raises stops sampling (how a running job is canceled).
         """
-        _check_sampling(n, alpha, n0)
+        check_sampling(n, alpha, n0)
         if radius is not None:
             _check_radius(radius)
         plan = (SequentialBound(0.0, ((n, alpha),), _bound(bound)) if tolerance is None
@@ -281,7 +281,7 @@ class Smooth:
         the fixed-n `bound` at alpha/2 gets a last say (it agrees with fixed-n CERTIFY where the
         sequence alone would stay undecided). One Ville event covers both answers of the
         sequence: with probability >= 1 - alpha no answer is wrong. on_chunk: as in certify."""
-        _check_sampling(n_max, alpha, n0)
+        check_sampling(n_max, alpha, n0)
         _check_radius(radius)
         plan = query_plan(n_max, alpha, _bound(bound))
         x = self._images(x)
@@ -332,7 +332,7 @@ class Smooth:
                 seed: int | None = 0) -> list[Prediction]:
         """Cohen et al.'s PREDICT: the top class if a two-sided binomial test against the runner-up
         rejects at level alpha, else abstain (None)."""
-        _check_sampling(n, alpha)
+        check_sampling(n, alpha)
         x = self._images(x)
         with torch.inference_mode():
             z = self._features(x)
@@ -436,11 +436,14 @@ class _Ticker:
             self.bar.close()
 
 
-def _device(name: str) -> torch.device:
+def parse_device(name: str) -> torch.device:
+    """The device called `name`: the CPU or a CUDA GPU that is there."""
     try:
         device = torch.device(name)
     except RuntimeError:
         raise InputError(f"unknown device {name!r}") from None
+    if device.type not in ("cpu", "cuda"):  # torch knows mps, xla, meta...: not run here
+        raise InputError(f"device {name!r}: splitz runs on cpu or cuda")
     if device.type == "cuda" and not torch.cuda.is_available():
         raise InputError("device 'cuda' asked for, but no CUDA GPU is available")
     return device
@@ -564,7 +567,7 @@ def _check_radius(radius: float) -> None:
         raise InputError(f"radius must be a finite number >= 0, got {radius}")
 
 
-def _check_sampling(n: int, alpha: float, n0: int = 1) -> None:
+def check_sampling(n: int, alpha: float, n0: int = 1) -> None:
     if n < 1 or n0 < 1:
         raise InputError(f"sample counts must be positive, got n={n}, n0={n0}")
     if not (0.0 < alpha < 1.0) or math.isnan(alpha):

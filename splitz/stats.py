@@ -12,6 +12,7 @@ alpha between them; it is what the engine reports, whatever its stopping rule.
 """
 
 import math
+import sys
 from collections.abc import Sequence
 from dataclasses import dataclass
 from decimal import ROUND_CEILING, ROUND_FLOOR, Decimal
@@ -233,7 +234,10 @@ def _decimal(value: float, digits: int, rounding: str) -> str:
 def round_down(radius: float, digits: int = 6) -> float:
     """Round a radius down to `digits` decimals, past any float64 rounding of the last step."""
     scale = 10**digits
-    return max(0.0, math.floor(radius * (1.0 - 1e-12) * scale) / scale)
+    below = radius * (1.0 - 1e-12)
+    if below * scale == math.inf:  # no decimals to drop at this size; an overflowed sigma / L
+        return min(below, sys.float_info.max)  # (huge sigma, f1 near 0): the largest float
+    return max(0.0, math.floor(below * scale) / scale)
 
 
 def _check_counts(k: int, n: int) -> None:

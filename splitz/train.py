@@ -26,7 +26,7 @@ from tqdm import tqdm
 
 from . import checkpoint, data, recipes
 from .nets import SplitModel, create_model
-from .smoothing import native_bfloat16
+from .smoothing import native_bfloat16, parse_device
 
 STATE = "train_state.pt"
 # Fields that say where and how a run is carried out, not which model it makes: left out of the
@@ -95,15 +95,16 @@ class TrainConfig(BaseModel):
         return self
 
 
-def train(cfg: TrainConfig, command: str | None = None, device: str = "cpu") -> Path:
+def train(cfg: TrainConfig, command: str | None = None, device: str | torch.device = "cpu") -> Path:
     """Train, checkpointing every epoch (resumable after a kill, on any device), then write
     weights and card."""
+    device = parse_device(device)
     torch.manual_seed(cfg.seed)
     model = create_model(cfg.arch, cfg.dataset, cfg.split, cfg.sigma, **cfg.arch_kwargs)
     model.to(device)
     opt = torch.optim.SGD(model.parameters(), lr=cfg.lr, momentum=cfg.momentum,
                           weight_decay=cfg.weight_decay, nesterov=cfg.nesterov)
-    loader = _loader(cfg, train=True, device=torch.device(device))  # one for all epochs
+    loader = _loader(cfg, train=True, device=device)  # one for all epochs
     sched = _scheduler(cfg, opt, len(loader))
     start_epoch, elapsed, bf16_epochs = _resume(cfg, model, opt, sched)
     for epoch in range(start_epoch, cfg.epochs):
@@ -122,7 +123,7 @@ def train(cfg: TrainConfig, command: str | None = None, device: str = "cpu") -> 
         training={"command": command or shlex.join(["splitz", *sys.argv[1:]]),
                   "config": json.loads(cfg.model_dump_json(exclude=RUN_ONLY)),
                   "train_seconds": round(elapsed, 1),
-                  "hardware": _hardware(torch.device(device)),
+                  "hardware": _hardware(device),
                   **({"bfloat16_autocast_epochs": bf16_epochs} if bf16_epochs else {})},
         metrics={"clean_accuracy_noisy": acc},
     )

@@ -2,9 +2,11 @@
 
 import base64
 import logging
+import lzma
 import re
 import time
 import zipfile
+import zlib
 from typing import Annotated, Any
 
 import anyio
@@ -14,7 +16,7 @@ from pydantic import BaseModel, ValidationError
 from starlette.datastructures import UploadFile
 
 from splitz import checkpoint
-from splitz.errors import InputError
+from splitz.errors import InputError, first_line
 from splitz.images import canonical_png
 from splitz.smoothing import known_draw
 from worker.jobs import JobSpec, Version, decode_base64
@@ -122,7 +124,8 @@ async def _read(request: Request, query: QueryParams, settings: Settings,
     card, sha256 = await anyio.to_thread.run_sync(checkpoint.version, folder)  # may hash a file
     shape, budget, images = card.spec().input_shape, Budget(settings, batch), []
     for name, data in files:
-        images += [(nm, canonical_png(raw, shape, nm, card.preprocess))
+        images += [(nm, await anyio.to_thread.run_sync(  # off the event loop: a resize
+                        canonical_png, raw, shape, nm, card.preprocess))  # can take seconds
                    async for nm, raw in data(budget, name)]
     if not images:
         raise InputError("no image in the request")
@@ -181,15 +184,17 @@ def _zip_entries(upload: UploadFile):
                 for info in infos:
                     yield info.filename, z.read(info)
         except (zipfile.BadZipFile, zipfile.LargeZipFile, EOFError, NotImplementedError,
-                ValueError):
+                ValueError, OSError, zlib.error, lzma.LZMAError):  # OSError: bz2's data errors
             raise InputError("zip: not a valid zip archive") from None
+        except RuntimeError as e:  # zipfile's "File ... is encrypted, password required"
+            raise InputError(f"zip: {first_line(e)}") from None
     return read
 
 
 async def _read_json(request: Request, batch: bool):
     try:
         body = await request.json()
-    except ValueError:
+    except (ValueError, RecursionError):  # RecursionError: arrays nested 100,000 deep
         raise InputError("body is not valid JSON") from None
     data = _validate(JobsJSON if batch else CertifyJSON, body)
     encoded = data.images if batch else [data.image]

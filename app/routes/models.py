@@ -78,7 +78,7 @@ async def _read_upload(request: Request, model_id: str) -> tuple[bytes, str, dic
         data, name = await weights.read(), weights.filename or "weights"
     try:
         fields = json.loads(text)
-    except ValueError:
+    except (ValueError, RecursionError):
         raise InputError("card: not valid JSON") from None
     if not isinstance(fields, dict):
         raise InputError("card: must be a JSON object of card fields")

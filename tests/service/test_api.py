@@ -418,3 +418,52 @@ def test_an_imported_model_with_its_own_input_certifies_preprocessed_images(make
     assert r.status_code == 200, r.text
     assert r.json()["preprocess"] == "resize 32, center crop 32"
     assert r.json()["model_sha256"] == done.sha256
+
+
+def damaged_zip(compression: int) -> bytes:
+    """A zip of one image whose compressed bytes are flipped: the decompressor fails (zlib,
+    bz2 or lzma's own error) or, where it does not, the CRC check does."""
+    buf = io.BytesIO()
+    with zipfile.ZipFile(buf, "w", compression) as z:
+        z.writestr("a.png", png_bytes(seed=3) * 4)
+    data = bytearray(buf.getvalue())
+    info = zipfile.ZipFile(io.BytesIO(bytes(data))).infolist()[0]
+    start = info.header_offset + 30 + len(info.filename) + len(info.extra)
+    for i in range(start + 10, start + 40):
+        data[i] ^= 0x5A
+    return bytes(data)
+
+
+def encrypted_zip() -> bytes:
+    """A zip whose entry says it is encrypted (zipfile then wants a password): the flag bit set
+    in the local header (flags at byte 6) and the central directory's entry (byte 8)."""
+    buf = io.BytesIO()
+    with zipfile.ZipFile(buf, "w") as z:
+        z.writestr("a.png", png_bytes())
+    data = bytearray(buf.getvalue())
+    data[data.find(b"PK\x03\x04") + 6] |= 0x1
+    data[data.find(b"PK\x01\x02") + 8] |= 0x1
+    return bytes(data)
+
+
+@pytest.mark.parametrize("archive", [
+    damaged_zip(zipfile.ZIP_DEFLATED), damaged_zip(zipfile.ZIP_BZIP2),
+    damaged_zip(zipfile.ZIP_LZMA), encrypted_zip()],
+    ids=["deflate", "bzip2", "lzma", "encrypted"])
+def test_a_damaged_or_encrypted_zip_is_a_422(client, archive):
+    r = client.post("/jobs", params={"model": TINY}, files=[("zip", ("z.zip", archive))])
+    assert r.status_code == 422 and r.json()["error"].startswith("zip: "), r.text
+
+
+def test_json_nested_past_the_parsers_depth_is_a_422(client):
+    deep = b"[" * 100_000 + b"]" * 100_000
+    for path in ("/certify", "/jobs"):
+        r = client.post(path, params={"model": TINY}, content=deep,
+                        headers={"Content-Type": "application/json"})
+        assert r.status_code == 422 and "JSON" in r.json()["error"], r.text
+
+
+def test_a_content_length_that_is_no_number_is_a_400(client):
+    r = client.post("/certify", params={"model": TINY}, content=b"{}",
+                    headers={"Content-Type": "application/json", "Content-Length": "abc"})
+    assert r.status_code == 400 and "Content-Length" in r.json()["error"]

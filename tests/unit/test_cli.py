@@ -290,3 +290,75 @@ def test_resource_and_config_errors_exit_2_with_one_line(model_dir, digit, tmp_p
     assert main(["train", "--config", str(config)]) == 2
     err = capsys.readouterr().err.strip()
     assert "smoothmix_etaa: Extra inputs are not permitted" in err and "\n" not in err
+
+
+def one_line_error(capsys) -> str:
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("splitz: error:") and "\n" not in err, err
+    return err
+
+
+@pytest.mark.parametrize("alpha", ["nan", "0", "2"])
+def test_evaluate_with_a_bad_alpha_writes_nothing_that_blocks_a_resume(
+        model_dir, fake_mnist, tmp_path, capsys, alpha):
+    args = ["evaluate", "--model", str(model_dir), "--out", str(tmp_path / "run.tsv"),
+            "--every", "16", "--n", "20", "--n0", "10", "--limit", "1",
+            "--data-root", str(fake_mnist)]
+    assert main([*args, "--alpha", alpha]) == 2
+    assert "alpha must be in (0, 1)" in one_line_error(capsys)
+    assert list(tmp_path.iterdir()) == []
+    assert main(args) == 0  # the same file, with a valid alpha
+
+
+def test_plot_and_train_say_what_is_wrong_with_their_files(model_dir, tmp_path, capsys):
+    tsv, png = tmp_path / "run.tsv", tmp_path / "p.png"
+    cases = [
+        (["plot", str(tmp_path / "none.tsv"), "--out", str(png)], "No such file"),
+        (["plot", str(tmp_path), "--out", str(png)], "not a readable TSV"),
+        (["plot", str(model_dir / "model.safetensors"), "--out", str(png)], "not a readable TSV"),
+        (["plot", str(tsv), "--out", str(tmp_path / "p.xyz")], "writes a PNG"),
+        (["plot", str(tsv), "--out", str(tmp_path / "no" / "p.png")], "No such file"),
+        (["train", "--config", str(tmp_path / "none.json")], "not a readable JSON file"),
+        (["train", "--config", str(tsv)], "not a readable JSON file"),
+        (["train", "--config", str(tmp_path / "list.json")], "must hold a JSON object"),
+    ]
+    (tmp_path / "list.json").write_text("[1]")
+    tsv.write_text("a\tb\n1\t2\n")
+    for args, match in cases[:3]:
+        assert main(args) == 2 and match in one_line_error(capsys), args
+    assert main(["plot", str(tsv), "--out", str(png)]) == 2
+    assert "no column idx, radius, correct" in one_line_error(capsys)
+    tsv.write_text("idx\tradius\tcorrect\n0\twide\t1\n")
+    assert main(["plot", str(tsv), "--out", str(png)]) == 2
+    assert "without its correct and radius numbers" in one_line_error(capsys)
+    tsv.write_text("idx\tradius\tcorrect\n0\t0.5\t1\n")
+    for args, match in cases[3:]:
+        assert main(args) == 2 and match in one_line_error(capsys), args
+    assert main(["plot", str(tsv), "--out", str(png)]) == 0
+
+
+def test_a_model_folder_whose_files_are_folders_is_a_one_line_error(model_dir, digit, tmp_path,
+                                                                    capsys):
+    import shutil
+
+    for name in ("card.json", "model.safetensors"):
+        broken = tmp_path / name.split(".")[0]
+        shutil.copytree(model_dir, broken)
+        (broken / name).unlink()
+        (broken / name).mkdir()
+        assert main(["certify", str(digit), "--model", str(broken), "--n", "10"]) == 2
+        assert f"cannot read {broken / name}" in one_line_error(capsys)
+
+
+@pytest.mark.parametrize("device", ["mps", "meta", "xla"])
+def test_devices_torch_knows_but_splitz_does_not_run_on_are_refused(model_dir, digit, capsys,
+                                                                     device):
+    with pytest.raises(SystemExit) as e:
+        main(["certify", str(digit), "--model", str(model_dir), "--device", device])
+    assert e.value.code == 2 and "splitz runs on cpu or cuda" in capsys.readouterr().err
+
+
+def test_submit_refuses_an_api_key_no_header_can_carry(digit, capsys):
+    with pytest.raises(SystemExit) as e:
+        main(["submit", str(digit), "--model", "m", "--api-key", "ключ"])
+    assert e.value.code == 2 and "printable ASCII" in capsys.readouterr().err

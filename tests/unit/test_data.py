@@ -8,6 +8,7 @@ import pytest
 from PIL import Image
 
 from splitz import data
+from splitz.errors import InputError
 
 
 def test_mnist_loads_from_a_data_root(fake_mnist):
@@ -105,7 +106,7 @@ def test_the_jpeg_test_set_is_in_the_test_sets_order(tmp_path, monkeypatch):
     # pixel value 20 c + k marks class c's k-th image: 180 (truck 0), 0 (airplane 0), 181
     assert [(round(float(x.mean()) * 255), y) for x, y in test] == [(180, 9), (0, 0), (181, 9)]
     monkeypatch.setattr(data.cifar10_labels, "TEST_LABELS", "9099")  # a third truck: missing
-    with pytest.raises(FileNotFoundError, match="lacks test image 0002 of class 9"):
+    with pytest.raises(InputError, match="lacks test image 0002 of class 9"):
         data.load("cifar10", False, root)
 
 
@@ -118,3 +119,14 @@ def test_the_cifar10_test_labels_are_complete():
 def test_unknown_data_set():
     with pytest.raises(ValueError, match="unknown data set"):
         data.spec("svhn")
+
+
+def test_a_data_set_that_cannot_be_loaded_says_where_to_put_it(tmp_path, monkeypatch):
+    from torchvision import datasets
+
+    def offline(*args, **kwargs):
+        raise RuntimeError("Error downloading train-images-idx3-ubyte.gz")
+
+    monkeypatch.setattr(datasets, "MNIST", offline)
+    with pytest.raises(InputError, match=f"cannot load mnist from {tmp_path} .*SPLITZ_DATA"):
+        data.load("mnist", train=False, root=tmp_path)

@@ -137,3 +137,31 @@ def test_preprocessing_still_checks_the_header_first(monkeypatch):
         load_image(png_header(side, side), (1, 28, 28), preprocess=Preprocess(center_crop=28))
     with pytest.raises(InputError, match="mode L, the model needs RGB"):
         load_image(png_header(40, 40), (3, 28, 28), preprocess=Preprocess(center_crop=28))
+
+
+def test_a_strip_the_resize_would_blow_up_is_refused_from_the_header(monkeypatch):
+    from PIL import ImageFile
+
+    from splitz.images import Preprocess
+
+    def no_decoding(self):
+        raise AssertionError("pixels decoded")
+
+    monkeypatch.setattr(ImageFile.ImageFile, "load", no_decoding)
+    # 20,000 pixels, a 100-byte file: resized to a shorter side of 256 it would be 5.1 million
+    # pixels wide (1.3 billion in all) before the crop
+    with pytest.raises(InputError, match="resize 256, center crop 224 would make more than"):
+        load_image(png_header(20_000, 1), (1, 224, 224),
+                   preprocess=Preprocess(resize=256, center_crop=224))
+
+
+@pytest.mark.parametrize("size", [(120, 90), (7, 300), (300, 7), (64, 64), (1, 5)])
+@pytest.mark.parametrize("resize", [64, (30, 50)])
+def test_the_resized_size_is_the_one_torchvision_makes(size, resize):
+    from torchvision.transforms import functional
+
+    from splitz.images import Preprocess
+
+    made = functional.resize(Image.new("L", size), list(resize) if isinstance(resize, tuple)
+                             else [resize])
+    assert Preprocess(resize=resize).resized_pixels(*size) == made.width * made.height

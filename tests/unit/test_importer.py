@@ -155,6 +155,7 @@ BAD_CARDS = [
     ({"std": [0.2, 0.0, 0.2]}, "card field std.1: Input should be greater than 0"),
     ({"classes": 1}, "card has 1 class(es); a classifier needs at least 2"),
     ({"classes": 9}, "'fc.weight': shape (10, 64), cifar_resnet20 with this card needs (9, 64)"),
+    ({"classes": 10**9}, "more than 100,000 classes"),  # refused before a billion names exist
     ({"arch": "vgg11"}, "card: unknown architecture 'vgg11'"),
     ({"split": "conv1"}, "card: architecture cifar_resnet20 takes split 'input' only"),
     ({"arch_kwargs": {"depth": 8}}, "card field arch_kwargs:"),
@@ -232,6 +233,8 @@ def test_a_pickle_that_would_run_code_is_refused_without_running_it(tmp_path):
     (pt({}), "holds nothing, not a state dict"),
     (pt({0: torch.zeros(1)}), "key 0 is no parameter name"),
     (pt(torch.zeros(3)), "holds a Tensor, not a state dict"),
+    (pt({"fc.bias": torch.zeros(10).to_sparse()}), "key 'fc.bias' is not a dense tensor"),
+    (pt({"fc.bias": torch.empty(10, device="meta")}), "key 'fc.bias' is not a dense tensor"),
 ])
 def test_files_that_hold_no_state_dict_are_refused(tmp_path, data, message):
     with pytest.raises(InvalidModelError, match="^weights: ") as e:
@@ -396,3 +399,10 @@ def test_cli_import_errors_are_one_line_with_exit_code_2(tmp_path, capsys, extra
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and message in err and "Traceback" not in err
     assert nothing_written(tmp_path / "repo")
+
+
+def test_a_repository_path_that_is_a_file_is_named_as_such(tmp_path):
+    repo = tmp_path / "repo"
+    repo.write_text("not a folder")
+    with pytest.raises(InvalidModelError, match="is a file, not a model repository"):
+        importer.import_model(save(net_state()), card(), repo)

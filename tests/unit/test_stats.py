@@ -65,6 +65,13 @@ def test_feature_radius_and_abstain_region():
     assert feature_radius(0.99, 0.5) == pytest.approx(0.5 * norm.ppf(0.99))
 
 
+def test_a_radius_past_float_range_rounds_down_to_the_largest_float():
+    import sys
+
+    assert round_down(math.inf) == sys.float_info.max  # sigma / L overflowed: still a bound
+    assert round_down(1e305) <= 1e305 and math.isfinite(round_down(1e305))
+
+
 def test_round_down_never_rounds_up():
     assert round_down(1.2345678) == 1.234567
     assert round_down(0.9999999999) == 0.999999
