@@ -7,6 +7,8 @@ preprocessing (resize, center crop) takes any size up to MAX_PIXELS, before and 
 and certifies the result."""
 
 import io
+import struct
+import zlib
 from pathlib import Path
 
 import numpy as np
@@ -17,6 +19,9 @@ from pydantic import BaseModel, ConfigDict, PositiveInt
 from .errors import InputError
 
 FORMATS = ("PNG", "JPEG")
+PNG_SAMPLES = {0: 1, 2: 3, 3: 1, 4: 2, 6: 4}  # colour type -> samples per pixel
+ADAM7 = ((0, 0, 8, 8), (4, 0, 8, 8), (0, 4, 4, 8), (2, 0, 4, 4), (0, 2, 2, 4), (1, 0, 2, 2),
+         (0, 1, 1, 2))  # interlaced PNG's passes: first column and row, column and row steps
 MODES = {1: "L", 3: "RGB"}
 MAX_PIXELS = 4096 * 4096  # before preprocessing, checked in the header
 
@@ -109,6 +114,9 @@ def decode(data: bytes, shape: tuple[int, int, int], name: str,
                                  f"{MAX_PIXELS:,} pixels")
             if img.mode != MODES.get(c):
                 raise InputError(f"{name}: image mode {img.mode}, the model needs {MODES.get(c)}")
+            if img.format == "PNG" and _png_rows_missing(data):
+                raise InputError(f"{name}: not a readable PNG/JPEG image (its pixel data ends "
+                                 "before its last row)")
             img.load()
             if preprocess is not None:
                 img = preprocess.apply(img)
@@ -122,6 +130,34 @@ def decode(data: bytes, shape: tuple[int, int, int], name: str,
         raise InputError(f"{name}: not a readable PNG/JPEG image") from None
     except (OSError, SyntaxError, ValueError) as e:
         raise InputError(f"{name}: not a readable PNG/JPEG image ({e})") from None
+
+
+def _png_rows_missing(data: bytes) -> bool:
+    """Whether a PNG's pixel data (its IDAT chunks, inflated) ends before its last row: Pillow
+    takes a zlib stream that ends early for the whole image and fills the rest with zeros.
+    Inflated in pieces, never more than the header's size; damage that zlib itself reports is
+    left for Pillow to name."""
+    width, height, depth, colour, _, _, interlace = struct.unpack(">IIBBBBB", data[16:29])
+    bits = depth * PNG_SAMPLES.get(colour, 1)
+    need = 0
+    for x0, y0, dx, dy in ADAM7 if interlace else ((0, 0, 1, 1),):
+        cols, rows = -(-(width - x0) // dx), -(-(height - y0) // dy)
+        if cols > 0 and rows > 0:
+            need += rows * (1 + -(-cols * bits // 8))  # a filter byte, then the packed row
+    chunks, pos = [], 8
+    while pos + 8 <= len(data):
+        length, kind = struct.unpack(">I4s", data[pos:pos + 8])
+        if kind == b"IDAT":
+            chunks.append(data[pos + 8:pos + 8 + length])
+        pos += 12 + length
+    inflate, rest, got = zlib.decompressobj(), b"".join(chunks), 0
+    try:
+        while rest and got < need:
+            got += len(inflate.decompress(rest, 1 << 20))
+            rest = inflate.unconsumed_tail
+    except zlib.error:
+        return False
+    return got < need
 
 
 def save_image(x: torch.Tensor, path: Path) -> None:

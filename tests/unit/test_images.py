@@ -1,4 +1,6 @@
 import io
+import struct
+import zlib
 
 import numpy as np
 import pytest
@@ -6,7 +8,7 @@ import torch
 from PIL import Image
 
 from splitz.errors import InputError
-from splitz.images import load_image, save_image
+from splitz.images import ADAM7, load_image, save_image
 
 
 def png(mode="L", size=(28, 28), fmt="PNG") -> bytes:
@@ -52,19 +54,22 @@ def test_missing_file(tmp_path):
         load_image(tmp_path / "nope.png", (1, 28, 28))
 
 
-def png_header(width: int, height: int) -> bytes:
-    """A PNG that claims width x height pixels in a few dozen bytes (a decompression bomb's
-    header: Pillow reads it without decoding anything)."""
-    import struct
-    import zlib
-
+def handmade_png(width: int, height: int, raw: bytes = b"", depth: int = 8, colour: int = 0,
+                 interlace: bool = False) -> bytes:
+    """A PNG of the header's fields whose pixel data is `raw` as one complete zlib stream."""
     def chunk(kind: bytes, body: bytes) -> bytes:
         return struct.pack(">I", len(body)) + kind + body + struct.pack(
             ">I", zlib.crc32(kind + body))
 
-    ihdr = struct.pack(">IIBBBBB", width, height, 8, 0, 0, 0, 0)
-    return (b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", ihdr) + chunk(b"IDAT", zlib.compress(b""))
+    ihdr = struct.pack(">IIBBBBB", width, height, depth, colour, 0, 0, int(interlace))
+    return (b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", ihdr) + chunk(b"IDAT", zlib.compress(raw))
             + chunk(b"IEND", b""))
+
+
+def png_header(width: int, height: int) -> bytes:
+    """A PNG that claims width x height pixels in a few dozen bytes (a decompression bomb's
+    header: Pillow reads it without decoding anything)."""
+    return handmade_png(width, height)
 
 
 @pytest.mark.parametrize("size", [(20_000, 20_000), (4_000, 4_000), (29, 28)])
@@ -165,3 +170,43 @@ def test_the_resized_size_is_the_one_torchvision_makes(size, resize):
     made = functional.resize(Image.new("L", size), list(resize) if isinstance(resize, tuple)
                              else [resize])
     assert Preprocess(resize=resize).resized_pixels(*size) == made.width * made.height
+
+
+def rows_of_200(width: int, height: int, rows: int | None = None, interlace: bool = False,
+                depth: int = 8, samples: int = 1) -> bytes:
+    """A PNG's raw pixel data: the first `rows` rows of each pass (all by default), each a
+    filter byte 0, then 200s."""
+    raw = b""
+    for x0, y0, dx, dy in ADAM7 if interlace else ((0, 0, 1, 1),):
+        cols, n = len(range(x0, width, dx)), len(range(y0, height, dy))
+        if cols and n:
+            raw += (b"\0" + bytes([200]) * -(-cols * depth * samples // 8)) * min(n, rows or n)
+    return raw
+
+
+@pytest.mark.parametrize("interlace", [False, True])
+@pytest.mark.parametrize("depth,colour,shape", [(8, 0, (1, 28, 28)), (4, 0, (1, 28, 28)),
+                                                (8, 2, (3, 32, 32))])
+def test_a_png_whose_pixel_data_ends_early_is_refused_not_zero_filled(interlace, depth, colour,
+                                                                      shape):
+    c, h, w = shape
+
+    def made(rows: int | None) -> bytes:
+        raw = rows_of_200(w, h, rows, interlace, depth, c)
+        return handmade_png(w, h, raw, depth, colour, interlace)
+
+    x = load_image(made(None), shape)
+    assert x.shape == shape and x.min() > 0  # complete: every pixel decoded, none zero-filled
+    short = made(3)
+    with pytest.raises(InputError, match="pixel data ends before its last row"):
+        load_image(short, shape)
+
+
+def test_pngs_pillow_writes_pass_the_row_check():
+    for mode, size in (("L", (28, 28)), ("RGB", (32, 32)), ("L", (1, 5)), ("RGB", (33, 7))):
+        buf = io.BytesIO()
+        rng = np.random.default_rng(0)
+        shape = (size[1], size[0]) + ((3,) if mode == "RGB" else ())
+        Image.fromarray(rng.integers(0, 255, shape, np.uint8), mode).save(buf, "PNG")
+        c = 3 if mode == "RGB" else 1
+        assert load_image(buf.getvalue(), (c, size[1], size[0])).shape == (c, size[1], size[0])
