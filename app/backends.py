@@ -16,7 +16,7 @@ from redis.exceptions import RedisError
 from rq import Callback, Queue, Retry, Worker
 from rq.exceptions import InvalidJobOperation, NoSuchJobError
 from rq.job import Job, JobStatus
-from rq.registry import StartedJobRegistry
+from rq.registry import CanceledJobRegistry, StartedJobRegistry
 from rq.results import Result
 from rq.serializers import JSONSerializer
 from rq.timeouts import TimerDeathPenalty
@@ -197,13 +197,14 @@ class RQBackend:
 
     def submit(self, spec: JobSpec) -> str:
         """The job id is chosen before enqueueing, so a 503 can still name the job when Redis
-        fails after taking it."""
-        job_id = uuid.uuid4().hex
+        may have taken it (not when it failed before the job was sent)."""
+        job_id, sent = uuid.uuid4().hex, False
         try:
             with _redis_errors():
                 queue = self._queue()
                 if queue.count >= self.settings.max_queue:
                     raise QueueFull
+                sent = True
                 queue.enqueue_call(
                     certify_job, args=(spec.model_dump(),), job_id=job_id,
                     timeout=self.settings.job_timeout_s, result_ttl=self.settings.result_ttl_s,
@@ -215,7 +216,7 @@ class RQBackend:
                     description=f"certify {len(spec.images)} image(s) with {spec.model_id}")
                 self.redis.hincrby(METRICS_KEY, "submitted")
         except BackendUnavailable as e:
-            e.job_id = job_id
+            e.job_id = job_id if sent else None
             raise
         return job_id
 
@@ -272,9 +273,13 @@ class RQBackend:
             if job.get_status() in (JobStatus.QUEUED, JobStatus.SCHEDULED, JobStatus.DEFERRED):
                 try:
                     job.cancel()
-                    self.redis.hincrby(METRICS_KEY, "canceled")
                 except InvalidJobOperation:  # it started meanwhile: it sees the cancel key
-                    pass
+                    return True
+                with self.redis.pipeline() as p:  # kept like a result; RQ keeps it for ever
+                    p.expire(job.key, self.settings.result_ttl_s)
+                    p.zrem(CanceledJobRegistry(queue=self._queue()).key, job.id)
+                    p.hincrby(METRICS_KEY, "canceled")
+                    p.execute()
             return True
 
     def ready(self) -> tuple[bool, str]:

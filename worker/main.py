@@ -24,6 +24,7 @@ job canceled during the pass leaves it at the next chunk of samples and ends can
 goes on without it."""
 
 import argparse
+import contextlib
 import logging
 import os
 import socket
@@ -31,15 +32,18 @@ import threading
 import time
 from datetime import UTC, datetime
 
+from pydantic import ValidationError
 from redis import Redis
 from redis.backoff import ExponentialWithJitterBackoff
 from redis.exceptions import ConnectionError, RedisError, TimeoutError
 from redis.retry import Retry
 from rq import Queue, SimpleWorker, Worker, get_current_job
+from rq.exceptions import DeserializationError
 from rq.serializers import JSONSerializer
 from rq.worker import WorkerStatus
 
 from app.settings import Settings
+from splitz import checkpoint
 from splitz.errors import SplitzError
 
 from .jobs import JobSpec, ModelCache, batch_key, outcome, run_batch, run_job, samples_used
@@ -170,11 +174,20 @@ class SplitzWorker(SimpleWorker):
         super().__init__(*args, **kwargs)
         self.held: dict[str, tuple] = {}  # job id -> (job, execution), heartbeated
         self.claim = self.connection.register_script(CLAIM)
+        self.stop_signaled = False
+
+    def request_stop(self, signum, frame):
+        """SIGTERM / SIGINT: stop after the running job. RQ records the request only when busy
+        (an idle worker leaves its loop by an exception), so main would start a new loop."""
+        self.stop_signaled = True
+        super().request_stop(signum, frame)
 
     def get_heartbeat_ttl(self, job, working_time: float = 0.0) -> int:
         return int(3 * self.heartbeat_s) + 1
 
     def execute_job(self, job, queue):
+        if why := refusal(job):
+            return self._refuse(job, queue, why)
         self.held[job.id] = (job, self.prepare_execution(job))
         self.prepare_job_execution(job, remove_from_intermediate_queue=len(self.queues) == 1)
         stop = threading.Event()
@@ -197,6 +210,19 @@ class SplitzWorker(SimpleWorker):
             _lost.clear()
         self.set_state(WorkerStatus.IDLE)
 
+    def _refuse(self, job, queue, why: str) -> None:
+        """Fail `job` once, without running anything it names (no retry: it would be refused
+        again), and count it."""
+        log.error("job %s refused: %s", job.id, why)
+        execution = self.prepare_execution(job)
+        # raised after its bookkeeping, where the process title reads the payload
+        with contextlib.suppress(DeserializationError):
+            self.prepare_job_execution(job, remove_from_intermediate_queue=len(self.queues) == 1)
+        job.retries_left = 0
+        self.handle_job_failure(job, queue, exc_string=f"refused: {why}", execution=execution)
+        self.connection.hincrby(METRICS_KEY, "failed")
+        self.set_state(WorkerStatus.IDLE)
+
     def _batch_around(self, job, queue) -> list[tuple]:
         """Claim the compatible small jobs queued behind `job`, certify them with it in one
         pass, keep their results in _ahead; returns the claimed (job, execution) pairs."""
@@ -206,8 +232,8 @@ class SplitzWorker(SimpleWorker):
             return []
         claimed, specs, images = [], [spec], len(spec.images)
         for peer in queue.get_jobs(0, LOOKAHEAD):
-            if peer is None or peer.id == job.id or peer.func_name != job.func_name:
-                continue
+            if peer is None or peer.id == job.id or refusal(peer):
+                continue  # a refused job is failed when it is dequeued itself
             other = JobSpec.model_validate(peer.args[0])
             if batch_key(other) != key or images + len(other.images) > BATCH_IMAGES:
                 continue
@@ -262,6 +288,32 @@ class SplitzWorker(SimpleWorker):
         return False
 
 
+def refusal(job) -> str | None:
+    """Why this worker must not run `job` as it stands in Redis, or None. RQ imports and calls
+    whatever a job names, as its function and as its callbacks: only ours run, on a payload
+    that is a valid job spec."""
+    try:
+        func, args, kwargs = job.func_name, job.args, job.kwargs
+    except DeserializationError:
+        return "its payload is not JSON"
+    named = {func, job._success_callback_name, job._failure_callback_name,
+             job._stopped_callback_name}  # RQ keeps the callbacks' names in these
+    if func != ENTRY or not named <= CALLABLE:
+        return f"it names {', '.join(sorted(n for n in named - CALLABLE if n))}, which this " \
+               "worker does not run"
+    if len(args) != 1 or kwargs:
+        return "its arguments are not one job spec"
+    try:
+        JobSpec.model_validate(args[0])
+    except ValidationError as e:
+        return f"its spec is invalid: {checkpoint.card_error(e)}"
+    return None
+
+
+ENTRY = "worker.main.certify_job"  # as the API enqueues it (also when this file is __main__)
+CALLABLE = {None, ENTRY, "worker.main.count_success", "worker.main.count_failure"}
+
+
 def worker_ttl(settings: Settings) -> int:
     """How long an idle worker's registration lives between its heartbeats (RQ's worker_ttl:
     it blocks on the queues for worker_ttl - 15 s at a time, then beats)."""
@@ -314,7 +366,7 @@ def main(argv: list[str] | None = None) -> int:
                               maintenance_interval=max(1, int(3 * settings.heartbeat_s)))
         log.info("ready: worker %s, models %s warm", worker.name, ", ".join(ids))
         worker.work(burst=args.burst, logging_level="INFO")
-        if args.burst or worker._stop_requested:
+        if args.burst or worker.stop_signaled:
             return 0
         log.warning("worker %s left its work loop; starting a new one", worker.name)
         time.sleep(1)

@@ -40,7 +40,7 @@ from ..settings import Settings
 
 router = APIRouter(tags=["certify"], dependencies=[ApiKey])
 log = logging.getLogger("splitz.api")
-JOB_ID = re.compile(r"^[0-9a-f]{32}$|^[0-9a-f-]{36}$")
+JOB_ID = re.compile(r"[0-9a-f]{32}|[0-9a-f-]{36}")  # fullmatch: "$" lets a final newline in
 QueryDep = Annotated[QueryParams, Query()]
 
 
@@ -55,7 +55,7 @@ async def certify(request: Request, query: QueryDep, backend: BackendDep,
     go in the query string (or the JSON body); `early_stop` with `radius` answers only
     "certified at radius?", sampling until decided."""
     params, spec = await _read(request, query, settings, batch=False)
-    job_id = _submit(backend, spec)
+    job_id = await _submit(backend, spec)
     try:
         view = await _wait(request, backend, job_id,
                            settings.sync_wait_s if params.wait else 0.0)
@@ -80,9 +80,9 @@ async def submit(request: Request, query: QueryDep, backend: BackendDep,
     """A batch: multipart fields `images` (repeated) and/or `zip` (a zip of PNG/JPEG files), or
     JSON `{"images": ["<base64>", ...], "names": [...]}`; parameters as for /certify."""
     _, spec = await _read(request, query, settings, batch=True)
-    job_id = _submit(backend, spec)
+    job_id = await _submit(backend, spec)
     try:
-        return _accepted(request, backend.get(job_id))
+        return _accepted(request, await anyio.to_thread.run_sync(backend.get, job_id))
     except BackendUnavailable as e:
         e.job_id, e.status_url = job_id, _status_url(request, job_id)
         raise
@@ -244,8 +244,10 @@ def _spec(params: Params, version: Version, images: list[tuple[str, bytes]],
 
 # -- answering -------------------------------------------------------------------------------
 
-def _submit(backend, spec: JobSpec) -> str:
-    job_id = backend.submit(spec)
+async def _submit(backend, spec: JobSpec) -> str:
+    """Enqueue off the event loop: a stalled Redis blocks for its socket timeout, and the other
+    requests (health checks included) must not wait behind it."""
+    job_id = await anyio.to_thread.run_sync(backend.submit, spec)
     log.info("job %s submitted: %d image(s), model %s, n=%d", job_id, len(spec.images),
              spec.model_id, spec.n)
     return job_id
@@ -256,14 +258,14 @@ async def _wait(request: Request, backend, job_id: str, seconds: float) -> JobVi
     or an event in-process) in a worker thread, so the answer leaves as soon as it exists;
     the app's limiter caps those threads."""
     if seconds <= 0:
-        return backend.get(job_id)
+        return await anyio.to_thread.run_sync(backend.get, job_id)
     deadline = time.monotonic() + seconds
     return await anyio.to_thread.run_sync(backend.wait, job_id, deadline,
                                           limiter=request.app.state.waiters)
 
 
 def _find(backend, job_id: str) -> JobView:
-    view = backend.get(job_id) if JOB_ID.match(job_id) else None
+    view = backend.get(job_id) if JOB_ID.fullmatch(job_id) else None
     if view is None:
         raise HTTPException(404, f"no job {job_id!r}")
     return view

@@ -91,3 +91,86 @@ def test_worker_healthcheck(make_stack):
     stack.workers[0].wait(10)
     dead = subprocess.run(check, env=stack.env, capture_output=True, text=True, timeout=60)
     assert dead.returncode == 1 and "no live worker" in dead.stdout
+
+
+def test_jobs_tampered_on_redis_are_refused_once_and_run_nothing(make_stack, tmp_path):
+    """Whoever can write to Redis can queue any job: RQ would import and call what it names (as
+    function or callback) and retry a bad spec. The worker fails such jobs at once, runs
+    nothing they name, and goes on serving."""
+    from rq import Callback, Queue
+
+    from worker.main import ENTRY, QUEUE
+
+    stack = make_stack(job_retries="2")
+    good = stack.http.post("/jobs", params={"model": TINY_RS}, files=files(1)).json()["id"]
+    assert stack.wait_job(good)["status"] == "finished"
+    conn = redis.Redis.from_url(stack.redis.url)
+    spec = Job.fetch(good, connection=conn, serializer=JSONSerializer).args[0]
+    queue = Queue(QUEUE, connection=conn, serializer=JSONSerializer)
+    marker = tmp_path / "ran"
+    undecodable = Job.create(ENTRY, args=(spec,), connection=conn, serializer=JSONSerializer)
+    undecodable.data = b"not json"
+    bad = {
+        queue.enqueue_call("os.system", args=(f"touch {marker}",)).id: "os.system",
+        queue.enqueue_call(ENTRY, args=(spec,),
+                           on_success=Callback("os.getpid")).id: "os.getpid",
+        queue.enqueue_call(ENTRY, args=({"model_id": 3},)).id: "spec is invalid",
+        queue.enqueue_job(undecodable).id: "not JSON",
+    }
+    for job_id, why in bad.items():
+        body = stack.wait_job(job_id, timeout=60)
+        assert body["status"] == "failed" and "refused" in body["error"] and why in body["error"]
+        assert Job.fetch(job_id, connection=conn).retries_left == 0  # no retry was queued
+    assert not marker.exists() and stack.workers[0].poll() is None
+    again = stack.http.post("/jobs", params={"model": TINY_RS}, files=files(1)).json()["id"]
+    assert stack.wait_job(again)["status"] == "finished"
+
+
+def test_an_idle_worker_stops_on_sigterm_and_a_job_id_with_a_newline_is_unknown(make_stack):
+    import signal
+
+    stack = make_stack()
+    assert stack.http.get("/jobs/" + "0" * 32 + "%0A").status_code == 404
+    worker = stack.workers[0]
+    worker.send_signal(signal.SIGTERM)  # idle: RQ leaves its loop without recording the stop
+    assert worker.wait(30) == 0
+
+
+def test_a_stalled_redis_does_not_stall_the_api(make_stack, redis_server):
+    """Requests waiting on a stopped Redis (SIGSTOP: no answer until the socket timeout) wait in
+    threads: the event loop answers health checks meanwhile."""
+    import signal
+    from concurrent.futures import ThreadPoolExecutor
+
+    stack = make_stack()
+    redis_server.proc.send_signal(signal.SIGSTOP)
+    try:
+        with ThreadPoolExecutor(3) as pool:
+            posts = [pool.submit(stack.http.post, "/jobs", params={"model": TINY_RS},
+                                 files=files(1)) for _ in range(3)]
+            time.sleep(1)
+            t0 = time.monotonic()
+            assert stack.http.get("/healthz").status_code == 200
+            assert time.monotonic() - t0 < 2
+            redis_server.proc.send_signal(signal.SIGCONT)
+            assert {p.result().status_code for p in posts} <= {202, 503}
+    finally:
+        redis_server.proc.send_signal(signal.SIGCONT)
+
+
+def test_a_job_canceled_in_the_queue_expires_like_a_result(make_stack):
+    import signal
+
+    stack = make_stack(result_ttl_s="2")
+    stack.workers[0].send_signal(signal.SIGSTOP)  # the job stays queued
+    try:
+        job_id = stack.http.post("/jobs", params={"model": TINY_RS}, files=files(1)).json()["id"]
+        assert stack.http.delete(f"/jobs/{job_id}").json()["status"] == "canceled"
+    finally:
+        stack.workers[0].send_signal(signal.SIGCONT)
+    conn = redis.Redis.from_url(stack.redis.url)
+    assert 0 < conn.ttl(f"rq:job:{job_id}") <= 2
+    assert conn.zcard("rq:canceled:splitz") == 0
+    time.sleep(3)
+    assert stack.http.get(f"/jobs/{job_id}").status_code == 404
+    assert not conn.exists(f"rq:job:{job_id}")

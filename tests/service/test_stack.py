@@ -80,6 +80,7 @@ def test_redis_restart_gives_503_then_recovers(make_stack, redis_server):
         r = stack.http.post("/certify", params={"model": TINY},
                             files={"image": ("a.png", png_bytes(), "image/png")})
         assert r.status_code == 503 and "unavailable" in r.json()["error"]
+        assert "job_id" not in r.json()  # refused before any job was sent: none to poll
         assert stack.http.get("/healthz").status_code == 200
     finally:
         redis_server.start()
