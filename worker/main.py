@@ -37,7 +37,7 @@ from redis import Redis
 from redis.backoff import ExponentialWithJitterBackoff
 from redis.exceptions import ConnectionError, RedisError, TimeoutError
 from redis.retry import Retry
-from rq import Queue, SimpleWorker, Worker, get_current_job
+from rq import Queue, SimpleWorker, Worker, get_current_job, worker_registration
 from rq.exceptions import DeserializationError
 from rq.serializers import JSONSerializer
 from rq.worker import WorkerStatus
@@ -184,6 +184,17 @@ class SplitzWorker(SimpleWorker):
 
     def get_heartbeat_ttl(self, job, working_time: float = 0.0) -> int:
         return int(3 * self.heartbeat_s) + 1
+
+    def heartbeat(self, timeout: int | None = None, pipeline=None):
+        """RQ's heartbeat, and this worker's record written again where Redis lost it (a
+        flush, a restart without its AOF): else readiness and --check never see it again."""
+        if pipeline is None and not self.connection.hexists(self.key, "birth"):
+            log.warning("worker %s: its record is gone from Redis; registering again", self.name)
+            with self.connection.pipeline() as p:
+                p.hset(self.key, mapping=self.serialize())
+                worker_registration.register(self, p)
+                p.execute()
+        super().heartbeat(timeout, pipeline)
 
     def execute_job(self, job, queue):
         if why := refusal(job):

@@ -174,3 +174,15 @@ def test_a_job_canceled_in_the_queue_expires_like_a_result(make_stack):
     time.sleep(3)
     assert stack.http.get(f"/jobs/{job_id}").status_code == 404
     assert not conn.exists(f"rq:job:{job_id}")
+
+
+def test_a_worker_registers_again_after_redis_lost_its_data(make_stack):
+    stack = make_stack()
+    redis.Redis.from_url(stack.redis.url).flushall()  # a restart without its AOF, say
+    assert stack.http.get("/readyz").status_code == 503
+    deadline = time.monotonic() + 60  # the idle worker's next heartbeat: within worker_ttl
+    while stack.http.get("/readyz").status_code != 200:
+        assert time.monotonic() < deadline, "the worker never registered again"
+        time.sleep(0.5)
+    job = stack.http.post("/jobs", params={"model": TINY_RS}, files=files(1)).json()["id"]
+    assert stack.wait_job(job)["status"] == "finished"
