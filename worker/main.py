@@ -197,8 +197,10 @@ class SplitzWorker(SimpleWorker):
         super().heartbeat(timeout, pipeline)
 
     def execute_job(self, job, queue):
-        if why := refusal(job):
-            return self._refuse(job, queue, why)
+        try:
+            spec = vetted(job)
+        except Refused as e:
+            return self._refuse(job, queue, str(e))
         self.held[job.id] = (job, self.prepare_execution(job))
         self.prepare_job_execution(job, remove_from_intermediate_queue=len(self.queues) == 1)
         stop = threading.Event()
@@ -206,7 +208,7 @@ class SplitzWorker(SimpleWorker):
         beat.start()
         try:
             try:
-                peers = self._batch_around(job, queue)
+                peers = self._batch_around(job, spec, queue)
             except Exception:  # batching only saves time: the jobs still run one by one
                 log.warning("batching around job %s failed", job.id, exc_info=True)
                 peers = [(p, e) for p, e in self.held.values() if p.id != job.id]
@@ -234,18 +236,21 @@ class SplitzWorker(SimpleWorker):
         self.connection.hincrby(METRICS_KEY, "failed")
         self.set_state(WorkerStatus.IDLE)
 
-    def _batch_around(self, job, queue) -> list[tuple]:
-        """Claim the compatible small jobs queued behind `job`, certify them with it in one
-        pass, keep their results in _ahead; returns the claimed (job, execution) pairs."""
-        spec = JobSpec.model_validate(job.args[0])
+    def _batch_around(self, job, spec: JobSpec, queue) -> list[tuple]:
+        """Claim the compatible small jobs queued behind `job` (whose spec is `spec`), certify
+        them with it in one pass, keep their results in _ahead; returns the claimed (job,
+        execution) pairs."""
         key = batch_key(spec)
         if key is None:
             return []
         claimed, specs, images = [], [spec], len(spec.images)
         for peer in queue.get_jobs(0, LOOKAHEAD):
-            if peer is None or peer.id == job.id or refusal(peer):
-                continue  # a refused job is failed when it is dequeued itself
-            other = JobSpec.model_validate(peer.args[0])
+            if peer is None or peer.id == job.id:
+                continue
+            try:
+                other = vetted(peer)
+            except Refused:  # failed when it is dequeued itself
+                continue
             if batch_key(other) != key or images + len(other.images) > BATCH_IMAGES:
                 continue
             if not self.claim(keys=[queue.key, queue.intermediate_queue_key], args=[peer.id]):
@@ -299,26 +304,29 @@ class SplitzWorker(SimpleWorker):
         return False
 
 
-def refusal(job) -> str | None:
-    """Why this worker must not run `job` as it stands in Redis, or None. RQ imports and calls
-    whatever a job names, as its function and as its callbacks: only ours run, on a payload
-    that is a valid job spec."""
+class Refused(Exception):
+    """A job this worker must not run as it stands in Redis; the message says why."""
+
+
+def vetted(job) -> JobSpec:
+    """The spec of a job this worker may run, or Refused. RQ imports and calls whatever a job
+    names, as its function and as its callbacks: only ours run, on a payload that is a valid
+    job spec."""
     try:
         func, args, kwargs = job.func_name, job.args, job.kwargs
     except DeserializationError:
-        return "its payload is not JSON"
+        raise Refused("its payload is not JSON") from None
     named = {func, job._success_callback_name, job._failure_callback_name,
              job._stopped_callback_name}  # RQ keeps the callbacks' names in these
     if func != ENTRY or not named <= CALLABLE:
-        return f"it names {', '.join(sorted(n for n in named - CALLABLE if n))}, which this " \
-               "worker does not run"
+        raise Refused(f"it names {', '.join(sorted(n for n in named - CALLABLE if n))}, which "
+                      "this worker does not run")
     if len(args) != 1 or kwargs:
-        return "its arguments are not one job spec"
+        raise Refused("its arguments are not one job spec")
     try:
-        JobSpec.model_validate(args[0])
+        return JobSpec.model_validate(args[0])
     except ValidationError as e:
-        return f"its spec is invalid: {checkpoint.card_error(e)}"
-    return None
+        raise Refused(f"its spec is invalid: {checkpoint.card_error(e)}") from None
 
 
 ENTRY = "worker.main.certify_job"  # as the API enqueues it (also when this file is __main__)

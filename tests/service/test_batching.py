@@ -176,9 +176,9 @@ def test_a_claimed_job_is_checked_for_its_lease_only_once_it_is_started(
     monkeypatch.setattr(worker_main, "_models", ModelCache(repository))
     batch_around, prepare = SplitzWorker._batch_around, SplitzWorker.prepare_job_execution
 
-    def beating(self, job, queue):  # the heartbeat thread runs from here on
+    def beating(self, job, spec, queue):  # the heartbeat thread runs from here on
         self.beating = True
-        return batch_around(self, job, queue)
+        return batch_around(self, job, spec, queue)
 
     def beat_then_prepare(self, job, *args, **kwargs):
         if getattr(self, "beating", False):
